@@ -1,0 +1,378 @@
+"""EomtFastForUniversalSegmentation: EoMT inference, the same outputs as transformers' model.
+
+The forward is written as a sequence of the fused ops of ``eomt_fast.kernels`` (see ``dispatch.OPS``);
+each runs its plain-PyTorch reference or, where ``dispatch`` says so, its Triton kernel.
+Weights are kept in the layout the ops want (``checkpoint.weight_rules``), prepared once at load.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import checkpoint, dispatch
+from .config import EomtFastConfig
+from .kernels import (
+    attention_ref,
+    grid_attention_mask_ref,
+    layernorm_linear_ref,
+    layernorm_mlp_ref,
+    layernorm_swiglu_ref,
+    linear_residual_ref,
+    mask_head_ref,
+    mask_logits_ref,
+    patch_embed_ref,
+    upscale_block_ref,
+)
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "float64": torch.float64, "fp64": torch.float64, "double": torch.float64,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+}
+
+
+def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """None, a torch floating dtype, or its name ("bfloat16", "bf16", "float32", ...)."""
+    if dtype is None or isinstance(dtype, torch.dtype) and dtype in _DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype.removeprefix("torch.") in _DTYPES:
+        return _DTYPES[dtype.removeprefix("torch.")]
+    raise ValueError(f"dtype must be one of float32, float64, float16, bfloat16, got {dtype!r}")
+
+
+@dataclass
+class EomtFastOutput:
+    """The fields of transformers' EomtForUniversalSegmentationOutput (loss, hidden_states and attentions
+    are always None: this is an inference model)."""
+
+    loss: torch.Tensor | None = None
+    class_queries_logits: torch.Tensor | None = None
+    masks_queries_logits: torch.Tensor | None = None
+    last_hidden_state: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+    patch_offsets: list[torch.Tensor] | None = None
+
+    def __getitem__(self, key: str | int) -> Any:
+        if isinstance(key, str):
+            return getattr(self, key)
+        return self.to_tuple()[key]
+
+    def keys(self) -> list[str]:
+        return [f.name for f in fields(self) if getattr(self, f.name) is not None]
+
+    def to_tuple(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, k) for k in self.keys())
+
+
+def _weight(*shape: int) -> nn.Parameter:
+    return nn.Parameter(torch.empty(*shape), requires_grad=False)
+
+
+class EncoderLayer(nn.Module):
+    """One pre-norm ViT layer with LayerScale; weights in the fused layout (qkv, SwiGLU gate_up as fc1)."""
+
+    def __init__(self, config: EomtFastConfig) -> None:
+        super().__init__()
+        c, hidden = config.hidden_size, config.mlp_hidden_size
+        fc1_rows = 2 * hidden if config.use_swiglu_ffn else hidden
+        self.swiglu = config.use_swiglu_ffn
+        self.num_heads = config.num_attention_heads
+        self.eps = config.layer_norm_eps
+        self.ln1_weight, self.ln1_bias = _weight(c), _weight(c)
+        self.qkv_weight, self.qkv_bias = _weight(3 * c, c), _weight(3 * c)
+        self.out_weight, self.out_bias = _weight(c, c), _weight(c)
+        self.ls1 = _weight(c)
+        self.ln2_weight, self.ln2_bias = _weight(c), _weight(c)
+        self.fc1_weight, self.fc1_bias = _weight(fc1_rows, c), _weight(fc1_rows)
+        self.fc2_weight, self.fc2_bias = _weight(c, hidden), _weight(c)
+        self.ls2 = _weight(c)
+
+    def forward(self, x: torch.Tensor, query_patch_mask: torch.Tensor | None, patch_start: int) -> torch.Tensor:
+        qkv = layernorm_linear_ref(x, self.ln1_weight, self.ln1_bias, self.eps, self.qkv_weight, self.qkv_bias)
+        attn = attention_ref(qkv, self.num_heads, query_patch_mask, patch_start)
+        x = linear_residual_ref(attn, self.out_weight, self.out_bias, self.ls1, x)
+        mlp = layernorm_swiglu_ref if self.swiglu else layernorm_mlp_ref
+        return mlp(x, self.ln2_weight, self.ln2_bias, self.eps, self.fc1_weight, self.fc1_bias,
+                   self.fc2_weight, self.fc2_bias, self.ls2)
+
+
+class MaskHead(nn.Module):
+    def __init__(self, config: EomtFastConfig) -> None:
+        super().__init__()
+        c = config.hidden_size
+        for j in (1, 2, 3):
+            setattr(self, f"fc{j}_weight", _weight(c, c))
+            setattr(self, f"fc{j}_bias", _weight(c))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return mask_head_ref(x, self.fc1_weight, self.fc1_bias, self.fc2_weight, self.fc2_bias,
+                             self.fc3_weight, self.fc3_bias)
+
+
+class UpscaleBlock(nn.Module):
+    """ConvTranspose 2x2 -> GELU -> depthwise 3x3 -> LayerNorm, channels-last."""
+
+    def __init__(self, config: EomtFastConfig) -> None:
+        super().__init__()
+        c = config.hidden_size
+        self.eps = 1e-6  # EomtLayerNorm2d's eps, fixed in transformers (not layer_norm_eps)
+        self.convt_weight, self.convt_bias = _weight(c, 2, 2, c), _weight(c)
+        self.dw_weight = _weight(c, 1, 3, 3)
+        self.ln_weight, self.ln_bias = _weight(c), _weight(c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return upscale_block_ref(x, self.convt_weight, self.convt_bias, self.dw_weight,
+                                 self.ln_weight, self.ln_bias, self.eps)
+
+
+class EomtFastForUniversalSegmentation(nn.Module):
+    """EoMT for panoptic, instance and semantic segmentation (inference).
+
+    Build it with ``from_pretrained`` (a transformers checkpoint directory or Hub id) or ``from_hf`` (a live
+    ``transformers.EomtForUniversalSegmentation``); ``EomtFastForUniversalSegmentation(config)`` gives random
+    weights. ``model(pixel_values)`` returns the fields transformers returns, so transformers'
+    ``EomtImageProcessor.post_process_*`` work on them unchanged.
+    """
+
+    def __init__(self, config: EomtFastConfig, backend: str = "auto") -> None:
+        super().__init__()
+        if not isinstance(config, EomtFastConfig):
+            raise TypeError(f"config must be an EomtFastConfig, got {type(config).__name__}")
+        if backend not in dispatch.BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(map(repr, dispatch.BACKENDS))}, got {backend!r}")
+        self.config = config
+        self.backend = backend
+        c = config.hidden_size
+        self.patch_weight = _weight(c, config.num_channels * config.patch_size**2)
+        self.patch_bias = _weight(c)
+        self.position_embeddings = _weight(config.num_patches, c)
+        self.cls_token = _weight(c)
+        self.register_tokens = _weight(config.num_register_tokens, c)
+        self.query = _weight(config.num_queries, c)
+        self.layers = nn.ModuleList(EncoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm_weight, self.norm_bias = _weight(c), _weight(c)
+        self.class_weight, self.class_bias = _weight(config.num_labels + 1, c), _weight(config.num_labels + 1)
+        self.mask_head = MaskHead(config)
+        self.upscale = nn.ModuleList(UpscaleBlock(config) for _ in range(config.num_upscale_blocks))
+        self.register_buffer("attn_mask_probs", torch.ones(config.num_blocks))
+        self._probs_key: tuple[int, int, int] | None = None
+        self._probs: tuple[float, ...] = ()
+        self.reset_parameters()
+
+    # ---- construction ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Random weights in the spirit of transformers' init (for demos and tests, not training):
+        GEMM and conv weights U(-1/sqrt(fan_in), 1/sqrt(fan_in)), embeddings N(0, 1), LayerNorm and
+        LayerScale near their identity values, biases N(0, 0.02)."""
+        for name, param in self.named_parameters():
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf.endswith("bias"):
+                param.normal_(0.0, 0.02, generator=generator)
+            elif leaf.startswith(("ln", "norm")):
+                param.normal_(1.0, 0.02, generator=generator)
+            elif leaf.startswith("ls"):
+                param.normal_(self.config.layerscale_value, 0.02, generator=generator)
+            elif leaf in ("position_embeddings", "query", "cls_token", "register_tokens"):
+                param.normal_(0.0, 1.0, generator=generator)
+            else:
+                fan_in = {"convt_weight": param.shape[0], "dw_weight": 9}.get(leaf, param.shape[-1])
+                bound = 1.0 / math.sqrt(fan_in)
+                param.uniform_(-bound, bound, generator=generator)
+        self.attn_mask_probs.fill_(1.0)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_hub_id: str | os.PathLike,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | str | None = None,
+        backend: str = "auto",
+    ) -> EomtFastForUniversalSegmentation:
+        """Load a transformers EoMT checkpoint: a directory with config.json and model.safetensors (or a
+        sharded index, or pytorch_model.bin), or a Hub id. dtype None keeps the stored dtype."""
+        dtype = parse_dtype(dtype)
+        directory = checkpoint.resolve_directory(path_or_hub_id)
+        config = checkpoint.read_config(directory)
+        state = checkpoint.read_state_dict(directory)
+        return cls._from_state(config, state, device, dtype, backend, source=str(directory))
+
+    @classmethod
+    def from_hf(cls, hf_model: nn.Module, backend: str = "auto") -> EomtFastForUniversalSegmentation:
+        """Copy a live transformers EomtForUniversalSegmentation (same device and dtype)."""
+        if not hasattr(hf_model, "config") or getattr(hf_model.config, "model_type", None) != "eomt":
+            raise TypeError(f"from_hf expects a transformers EomtForUniversalSegmentation, got {type(hf_model).__name__}")
+        config = EomtFastConfig.from_hf(hf_model.config)
+        state = {k: v.detach() for k, v in hf_model.state_dict().items()}
+        param = next(hf_model.parameters())
+        model = cls._from_state(config, state, param.device, param.dtype, backend, source=type(hf_model).__name__)
+        return model
+
+    @classmethod
+    def _from_state(cls, config, state, device, dtype, backend, source) -> EomtFastForUniversalSegmentation:
+        weights = checkpoint.convert_hf_state_dict(state, config, source=source)
+        if dtype is None:
+            stored = {t.dtype for k, t in weights.items() if k != "attn_mask_probs" and t.is_floating_point()}
+            dtype = stored.pop() if len(stored) == 1 else torch.float32
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        dispatch.check_backend(backend, device)
+        with torch.device("meta"):
+            model = cls(config, backend=backend)
+        model.to_empty(device=device).to(dtype)
+        model.load_weights(weights)
+        return model
+
+    @torch.no_grad()
+    def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        """Copy prepared weights (``checkpoint.convert_hf_state_dict``) into the model, in its dtype."""
+        own = dict(self.named_parameters())
+        own["attn_mask_probs"] = self.attn_mask_probs
+        if set(own) != set(weights):
+            raise checkpoint.CheckpointError(f"weights do not match the model: {sorted(set(own) ^ set(weights))}")
+        for name, target in own.items():
+            target.copy_(weights[name])
+
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write config.json + model.safetensors that transformers' from_pretrained loads back."""
+        weights = dict(self.named_parameters())
+        weights["attn_mask_probs"] = self.attn_mask_probs
+        self.config.extra["dtype"] = str(self.dtype).removeprefix("torch.")
+        return checkpoint.write_checkpoint(directory, self.config, checkpoint.to_hf_state_dict(weights, self.config))
+
+    # ---- properties --------------------------------------------------------------------------------
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.patch_weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.patch_weight.device
+
+    @property
+    def mask_size(self) -> int:
+        """Side of the mask logits: grid_size * 2**num_upscale_blocks."""
+        return self.config.grid_size * 2**self.config.num_upscale_blocks
+
+    def op_paths(self) -> list[dispatch.OpPath]:
+        return dispatch.plan(self.backend, self.device)
+
+    def masking_probs(self) -> tuple[float, ...]:
+        """attn_mask_probs on the host, read again only when the buffer changes (no sync per forward)."""
+        buf = self.attn_mask_probs
+        key = (buf.data_ptr(), buf._version, buf.numel())
+        if key != self._probs_key:
+            self._probs = tuple(float(p) for p in buf.tolist())
+            self._probs_key = key
+        return self._probs
+
+    # ---- forward -------------------------------------------------------------------------------------
+    def check_pixel_values(self, pixel_values: Any) -> None:
+        cfg = self.config
+        if not isinstance(pixel_values, torch.Tensor):
+            raise TypeError(f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}")
+        if pixel_values.dim() != 4:
+            raise ValueError(
+                f"pixel_values must be 4-D (batch, {cfg.num_channels}, {cfg.image_size}, {cfg.image_size}), "
+                f"got shape {tuple(pixel_values.shape)}"
+            )
+        if not pixel_values.is_floating_point():
+            raise TypeError(f"pixel_values must be a floating-point tensor (normalised image), got {pixel_values.dtype}")
+        _, channels, height, width = pixel_values.shape
+        if channels != cfg.num_channels:
+            raise ValueError(f"pixel_values has {channels} channels, the model expects {cfg.num_channels}")
+        if (height, width) != (cfg.image_size, cfg.image_size):
+            raise ValueError(
+                f"pixel_values is {height}x{width}, the model expects {cfg.image_size}x{cfg.image_size} "
+                "(resize and pad with the image processor; position embeddings are not interpolated)"
+            )
+        if pixel_values.device != self.device:
+            raise ValueError(f"pixel_values is on {pixel_values.device} but the model is on {self.device}")
+
+    def _pixel_embeddings(self, patch_tokens: torch.Tensor) -> torch.Tensor:
+        """(B, P, C) patch tokens -> (B, H, W, C) pixel embeddings after the upscale blocks."""
+        g = self.config.grid_size
+        x = patch_tokens.reshape(patch_tokens.shape[0], g, g, patch_tokens.shape[-1])
+        for block in self.upscale:
+            x = block(x)
+        return x
+
+    def _split_tokens(self, normed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        q = self.config.num_queries
+        return normed[:, :q], normed[:, q + self.config.num_prefix_tokens:]
+
+    def _layernorm(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.layer_norm(x, (x.shape[-1],), self.norm_weight, self.norm_bias,
+                                              self.config.layer_norm_eps)
+
+    def _query_patch_mask(self, x: torch.Tensor) -> torch.Tensor:
+        """The (B, Q, P) mask of a masked layer, from predict() on LayerNorm(x) at grid resolution."""
+        queries, patches = self._split_tokens(self._layernorm(x))
+        return grid_attention_mask_ref(self.mask_head(queries), self._pixel_embeddings(patches), self.config.grid_size)
+
+    def _empty_output(self, patch_offsets) -> EomtFastOutput:
+        cfg, kw = self.config, {"dtype": self.dtype, "device": self.device}
+        seq = cfg.num_queries + cfg.num_prefix_tokens + cfg.num_patches
+        return EomtFastOutput(
+            class_queries_logits=torch.empty(0, cfg.num_queries, cfg.num_labels + 1, **kw),
+            masks_queries_logits=torch.empty(0, cfg.num_queries, self.mask_size, self.mask_size, **kw),
+            last_hidden_state=torch.empty(0, seq, cfg.hidden_size, **kw),
+            patch_offsets=patch_offsets,
+        )
+
+    @torch.no_grad()
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        patch_offsets: list[torch.Tensor] | None = None,
+        generator: torch.Generator | None = None,
+    ) -> EomtFastOutput:
+        """pixel_values (B, channels, image_size, image_size), normalised. ``patch_offsets`` (from the image
+        processor's semantic sliding windows) is passed through. ``generator`` drives the random unmasking of
+        layers whose attn_mask_probs lies strictly between 0 and 1 (default: torch's global generator, as
+        transformers)."""
+        self.check_pixel_values(pixel_values)
+        dispatch.check_backend(self.backend, self.device)
+        cfg = self.config
+        batch = pixel_values.shape[0]
+        if batch == 0:
+            return self._empty_output(patch_offsets)
+        patch_start = cfg.num_queries + cfg.num_prefix_tokens
+        probs = self.masking_probs()
+
+        x = patch_embed_ref(pixel_values.to(self.dtype), self.patch_weight, self.patch_bias,
+                            self.position_embeddings, cfg.patch_size)
+        prefix = torch.cat([self.cls_token[None], self.register_tokens])
+        x = torch.cat([prefix.expand(batch, -1, -1), x], dim=1)
+        mask = None  # like transformers, a later layer with prob 0 keeps the last mask computed
+        for index, layer in enumerate(self.layers):
+            block = index - cfg.first_query_layer
+            if block == 0:
+                x = torch.cat([self.query.expand(batch, -1, -1), x], dim=1)
+            if block >= 0 and probs[block] > 0:
+                mask = self._query_patch_mask(x)
+                if probs[block] < 1:  # each query row unmasked with probability 1 - prob
+                    keep_all = torch.rand(batch, cfg.num_queries, device=x.device, generator=generator) > probs[block]
+                    mask = mask | keep_all[:, :, None]
+            x = layer(x, mask if block >= 0 else None, patch_start)
+        if cfg.num_blocks == 0:  # queries enter after the last layer (transformers cannot run this config)
+            x = torch.cat([self.query.expand(batch, -1, -1), x], dim=1)
+
+        x = self._layernorm(x)
+        queries, patches = self._split_tokens(x)
+        class_logits = torch.nn.functional.linear(queries, self.class_weight, self.class_bias)
+        mask_logits = mask_logits_ref(self.mask_head(queries), self._pixel_embeddings(patches))
+        return EomtFastOutput(
+            class_queries_logits=class_logits,
+            masks_queries_logits=mask_logits,
+            last_hidden_state=x,
+            patch_offsets=patch_offsets,
+        )

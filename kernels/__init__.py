@@ -1,0 +1,37 @@
+"""Fused operators of eomt_fast, each with its plain-PyTorch reference beside it.
+
+This directory is installed as ``eomt_fast.kernels`` (see ``package-dir`` in pyproject.toml). It must
+never be importable as a top-level ``kernels`` module: that name belongs to the Hugging Face
+``kernels`` package, which ``transformers`` imports when it is installed.
+
+One file per fused op; each file starts with its ``*_ref`` function, the plain-PyTorch implementation
+that is both the CPU fallback of the model and the reference its Triton kernel is tested against.
+"""
+
+if __name__ != "eomt_fast.kernels":  # e.g. `import kernels` from a checkout's root directory
+    raise ImportError(
+        f"this directory is the package 'eomt_fast.kernels' and cannot be imported as {__name__!r}; "
+        "install eomt_fast (pip install -e .) and import eomt_fast.kernels"
+    )
+
+from .attention import attention_ref, expand_query_patch_mask
+from .layernorm_mlp import layernorm_mlp_ref, layernorm_swiglu_ref
+from .linear import gelu_ref, layernorm_linear_ref, linear_residual_ref, mask_head_ref
+from .mask_logits import grid_attention_mask_ref, mask_logits_ref
+from .patch_embed import patch_embed_ref
+from .upscale import upscale_block_ref
+
+__all__ = [
+    "attention_ref",
+    "expand_query_patch_mask",
+    "gelu_ref",
+    "grid_attention_mask_ref",
+    "layernorm_linear_ref",
+    "layernorm_mlp_ref",
+    "layernorm_swiglu_ref",
+    "linear_residual_ref",
+    "mask_head_ref",
+    "mask_logits_ref",
+    "patch_embed_ref",
+    "upscale_block_ref",
+]
