@@ -1,15 +1,21 @@
 """Which implementation every op of the model runs, and why: the one place that decides.
 
-Each op has a plain-PyTorch reference in ``eomt_fast.kernels`` (the CPU fallback). A Triton kernel is
-used for an op when it is registered in ``TRITON_KERNELS`` and the backend/device allow it.
+Each op has a plain-PyTorch reference in ``eomt_fast.kernels`` (the CPU fallback). A kernel file offers
+a Triton implementation of an op by listing it in its module-level ``TRITON_OPS`` dict
+(op name -> function with exactly the reference's signature and semantics); ``resolve`` picks, per op,
+the Triton function or the reference for a backend, device and dtype, and says why.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+from . import kernels
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -19,15 +25,27 @@ OPS: dict[str, tuple[str, str]] = {
     "layernorm_qkv": ("layernorm_linear_ref", "LN1 + fused QKV projection"),
     "attention": ("attention_ref", "masked query-patch attention"),
     "out_projection": ("linear_residual_ref", "output projection + LayerScale + residual"),
-    "layernorm_mlp": ("layernorm_mlp_ref", "LN2 + MLP (GELU or SwiGLU) + LayerScale + residual"),
-    "mask_head": ("mask_head_ref", "mask head MLP and class head"),
+    "layernorm_mlp": ("layernorm_mlp_ref", "LN2 + GELU MLP + LayerScale + residual"),
+    "layernorm_swiglu": ("layernorm_swiglu_ref", "LN2 + SwiGLU MLP + LayerScale + residual"),
+    "mask_head": ("mask_head_ref", "mask head MLP (fc1-GELU-fc2-GELU-fc3)"),
     "upscale": ("upscale_block_ref", "ConvTranspose 2x2 + GELU + depthwise 3x3 + LayerNorm"),
     "mask_logits": ("mask_logits_ref", "final mask-logit einsum"),
     "grid_attention_mask": ("grid_attention_mask_ref", "query->patch mask of masked layers at grid size"),
 }
 
-# op name -> Triton implementation; filled in by the kernel modules as they land.
-TRITON_KERNELS: dict[str, object] = {}
+KERNEL_MODULES = ("attention", "gemm", "layernorm_mlp", "linear", "mask_logits", "patch_embed", "upscale")
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def triton_ops() -> dict[str, Callable]:
+    """op name -> Triton implementation, from the ``TRITON_OPS`` of every kernel module."""
+    found: dict[str, Callable] = {}
+    for name in KERNEL_MODULES:
+        found.update(getattr(importlib.import_module(f"eomt_fast.kernels.{name}"), "TRITON_OPS", {}))
+    unknown = set(found) - set(OPS)
+    if unknown:
+        raise AssertionError(f"TRITON_OPS names unknown ops: {sorted(unknown)}")
+    return found
 
 
 def triton_interpreting() -> bool:
@@ -52,24 +70,37 @@ def check_backend(backend: str, device: torch.device) -> None:
             f"backend='triton' needs a CUDA device (the model is on {device}); on a CPU the kernels run only "
             "in Triton's interpreter: set TRITON_INTERPRET=1 before importing eomt_fast, or use backend='auto'"
         )
-    missing = [op for op in OPS if op not in TRITON_KERNELS]
+    missing = [op for op in OPS if op not in triton_ops()]
     if missing:
         raise NotImplementedError(f"backend='triton': no Triton kernel yet for {', '.join(missing)}; use backend='auto'")
 
 
-def plan(backend: str, device: torch.device) -> list[OpPath]:
-    """The implementation of every op for this backend and device, with the reason."""
+def plan(backend: str, device: torch.device, dtype: torch.dtype = torch.float32) -> list[OpPath]:
+    """The implementation of every op for this backend, device and dtype, with the reason."""
     check_backend(backend, device)
+    available = triton_ops()
     paths = []
     for op in OPS:
         if backend == "torch":
             paths.append(OpPath(op, "torch", "backend='torch' was asked for"))
         elif backend == "triton":
-            paths.append(OpPath(op, "triton", "backend='triton' was asked for"))
+            where = "CUDA" if device.type == "cuda" else "the Triton interpreter (TRITON_INTERPRET=1)"
+            paths.append(OpPath(op, "triton", f"backend='triton' was asked for; runs on {where}"))
         elif device.type != "cuda":
             paths.append(OpPath(op, "torch", f"{device.type} device: the Triton kernels run on CUDA only"))
-        elif op not in TRITON_KERNELS:
+        elif dtype not in TRITON_DTYPES:
+            paths.append(OpPath(op, "torch", f"{dtype}: the Triton kernels take fp16, bf16 and fp32"))
+        elif op not in available:
             paths.append(OpPath(op, "torch", "no Triton kernel for this op yet"))
         else:
             paths.append(OpPath(op, "triton", "CUDA device and a Triton kernel"))
     return paths
+
+
+def resolve(backend: str, device: torch.device, dtype: torch.dtype) -> dict[str, Callable]:
+    """op name -> the function the model calls for it."""
+    available = triton_ops()
+    return {
+        path.op: available[path.op] if path.impl == "triton" else getattr(kernels, OPS[path.op][0])
+        for path in plan(backend, device, dtype)
+    }

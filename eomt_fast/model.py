@@ -18,18 +18,6 @@ from torch import nn
 
 from . import checkpoint, dispatch
 from .config import EomtFastConfig
-from .kernels import (
-    attention_ref,
-    grid_attention_mask_ref,
-    layernorm_linear_ref,
-    layernorm_mlp_ref,
-    layernorm_swiglu_ref,
-    linear_residual_ref,
-    mask_head_ref,
-    mask_logits_ref,
-    patch_embed_ref,
-    upscale_block_ref,
-)
 
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -73,6 +61,9 @@ class EomtFastOutput:
         return tuple(getattr(self, k) for k in self.keys())
 
 
+Ops = dict  # op name -> implementation, from dispatch.resolve
+
+
 def _weight(*shape: int) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape), requires_grad=False)
 
@@ -96,11 +87,11 @@ class EncoderLayer(nn.Module):
         self.fc2_weight, self.fc2_bias = _weight(c, hidden), _weight(c)
         self.ls2 = _weight(c)
 
-    def forward(self, x: torch.Tensor, query_patch_mask: torch.Tensor | None, patch_start: int) -> torch.Tensor:
-        qkv = layernorm_linear_ref(x, self.ln1_weight, self.ln1_bias, self.eps, self.qkv_weight, self.qkv_bias)
-        attn = attention_ref(qkv, self.num_heads, query_patch_mask, patch_start)
-        x = linear_residual_ref(attn, self.out_weight, self.out_bias, self.ls1, x)
-        mlp = layernorm_swiglu_ref if self.swiglu else layernorm_mlp_ref
+    def forward(self, x: torch.Tensor, query_patch_mask: torch.Tensor | None, patch_start: int, ops: Ops) -> torch.Tensor:
+        qkv = ops["layernorm_qkv"](x, self.ln1_weight, self.ln1_bias, self.eps, self.qkv_weight, self.qkv_bias)
+        attn = ops["attention"](qkv, self.num_heads, query_patch_mask, patch_start)
+        x = ops["out_projection"](attn, self.out_weight, self.out_bias, self.ls1, x)
+        mlp = ops["layernorm_swiglu"] if self.swiglu else ops["layernorm_mlp"]
         return mlp(x, self.ln2_weight, self.ln2_bias, self.eps, self.fc1_weight, self.fc1_bias,
                    self.fc2_weight, self.fc2_bias, self.ls2)
 
@@ -113,8 +104,8 @@ class MaskHead(nn.Module):
             setattr(self, f"fc{j}_weight", _weight(c, c))
             setattr(self, f"fc{j}_bias", _weight(c))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return mask_head_ref(x, self.fc1_weight, self.fc1_bias, self.fc2_weight, self.fc2_bias,
+    def forward(self, x: torch.Tensor, ops: Ops) -> torch.Tensor:
+        return ops["mask_head"](x, self.fc1_weight, self.fc1_bias, self.fc2_weight, self.fc2_bias,
                              self.fc3_weight, self.fc3_bias)
 
 
@@ -129,8 +120,8 @@ class UpscaleBlock(nn.Module):
         self.dw_weight = _weight(c, 1, 3, 3)
         self.ln_weight, self.ln_bias = _weight(c), _weight(c)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return upscale_block_ref(x, self.convt_weight, self.convt_bias, self.dw_weight,
+    def forward(self, x: torch.Tensor, ops: Ops) -> torch.Tensor:
+        return ops["upscale"](x, self.convt_weight, self.convt_bias, self.dw_weight,
                                  self.ln_weight, self.ln_bias, self.eps)
 
 
@@ -166,6 +157,8 @@ class EomtFastForUniversalSegmentation(nn.Module):
         self.register_buffer("attn_mask_probs", torch.ones(config.num_blocks))
         self._probs_key: tuple[int, int, int] | None = None
         self._probs: tuple[float, ...] = ()
+        self._ops_key: tuple | None = None
+        self._ops: Ops = {}
         self.reset_parameters()
 
     # ---- construction ----------------------------------------------------------------------------
@@ -263,7 +256,16 @@ class EomtFastForUniversalSegmentation(nn.Module):
         return self.config.grid_size * 2**self.config.num_upscale_blocks
 
     def op_paths(self) -> list[dispatch.OpPath]:
-        return dispatch.plan(self.backend, self.device)
+        """Which implementation each op runs for this model's backend, device and dtype, and why."""
+        return dispatch.plan(self.backend, self.device, self.dtype)
+
+    def ops(self) -> Ops:
+        """op name -> implementation, resolved again only when backend, device or dtype change."""
+        key = (self.backend, self.device, self.dtype)
+        if key != self._ops_key:
+            self._ops = dispatch.resolve(*key)
+            self._ops_key = key
+        return self._ops
 
     def masking_probs(self) -> tuple[float, ...]:
         """attn_mask_probs on the host, read again only when the buffer changes (no sync per forward)."""
@@ -297,12 +299,12 @@ class EomtFastForUniversalSegmentation(nn.Module):
         if pixel_values.device != self.device:
             raise ValueError(f"pixel_values is on {pixel_values.device} but the model is on {self.device}")
 
-    def _pixel_embeddings(self, patch_tokens: torch.Tensor) -> torch.Tensor:
+    def _pixel_embeddings(self, patch_tokens: torch.Tensor, ops: Ops) -> torch.Tensor:
         """(B, P, C) patch tokens -> (B, H, W, C) pixel embeddings after the upscale blocks."""
         g = self.config.grid_size
         x = patch_tokens.reshape(patch_tokens.shape[0], g, g, patch_tokens.shape[-1])
         for block in self.upscale:
-            x = block(x)
+            x = block(x, ops)
         return x
 
     def _split_tokens(self, normed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -313,10 +315,11 @@ class EomtFastForUniversalSegmentation(nn.Module):
         return torch.nn.functional.layer_norm(x, (x.shape[-1],), self.norm_weight, self.norm_bias,
                                               self.config.layer_norm_eps)
 
-    def _query_patch_mask(self, x: torch.Tensor) -> torch.Tensor:
+    def _query_patch_mask(self, x: torch.Tensor, ops: Ops) -> torch.Tensor:
         """The (B, Q, P) mask of a masked layer, from predict() on LayerNorm(x) at grid resolution."""
         queries, patches = self._split_tokens(self._layernorm(x))
-        return grid_attention_mask_ref(self.mask_head(queries), self._pixel_embeddings(patches), self.config.grid_size)
+        return ops["grid_attention_mask"](self.mask_head(queries, ops), self._pixel_embeddings(patches, ops),
+                                          self.config.grid_size)
 
     def _empty_output(self, patch_offsets) -> EomtFastOutput:
         cfg, kw = self.config, {"dtype": self.dtype, "device": self.device}
@@ -340,15 +343,15 @@ class EomtFastForUniversalSegmentation(nn.Module):
         layers whose attn_mask_probs lies strictly between 0 and 1 (default: torch's global generator, as
         transformers)."""
         self.check_pixel_values(pixel_values)
-        dispatch.check_backend(self.backend, self.device)
         cfg = self.config
         batch = pixel_values.shape[0]
         if batch == 0:
             return self._empty_output(patch_offsets)
         patch_start = cfg.num_queries + cfg.num_prefix_tokens
         probs = self.masking_probs()
+        ops = self.ops()
 
-        x = patch_embed_ref(pixel_values.to(self.dtype), self.patch_weight, self.patch_bias,
+        x = ops["patch_embed"](pixel_values.to(self.dtype), self.patch_weight, self.patch_bias,
                             self.position_embeddings, cfg.patch_size)
         prefix = torch.cat([self.cls_token[None], self.register_tokens])
         x = torch.cat([prefix.expand(batch, -1, -1), x], dim=1)
@@ -358,18 +361,18 @@ class EomtFastForUniversalSegmentation(nn.Module):
             if block == 0:
                 x = torch.cat([self.query.expand(batch, -1, -1), x], dim=1)
             if block >= 0 and probs[block] > 0:
-                mask = self._query_patch_mask(x)
+                mask = self._query_patch_mask(x, ops)
                 if probs[block] < 1:  # each query row unmasked with probability 1 - prob
                     keep_all = torch.rand(batch, cfg.num_queries, device=x.device, generator=generator) > probs[block]
                     mask = mask | keep_all[:, :, None]
-            x = layer(x, mask if block >= 0 else None, patch_start)
+            x = layer(x, mask if block >= 0 else None, patch_start, ops)
         if cfg.num_blocks == 0:  # queries enter after the last layer (transformers cannot run this config)
             x = torch.cat([self.query.expand(batch, -1, -1), x], dim=1)
 
         x = self._layernorm(x)
         queries, patches = self._split_tokens(x)
         class_logits = torch.nn.functional.linear(queries, self.class_weight, self.class_bias)
-        mask_logits = mask_logits_ref(self.mask_head(queries), self._pixel_embeddings(patches))
+        mask_logits = ops["mask_logits"](self.mask_head(queries, ops), self._pixel_embeddings(patches, ops))
         return EomtFastOutput(
             class_queries_logits=class_logits,
             masks_queries_logits=mask_logits,

@@ -1,0 +1,117 @@
+"""The plain-PyTorch model against transformers' EomtForUniversalSegmentation (the oracle)."""
+
+import pytest
+import torch
+
+from eomt_fast import EomtFastForUniversalSegmentation
+from eomt_fast.testing import TEST_CONFIGS, random_hf_model
+
+pytest.importorskip("transformers")
+
+OUTPUTS = ("masks_queries_logits", "class_queries_logits", "last_hidden_state")
+TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-5}  # max |ours - hf| / max |hf|
+
+
+def assert_outputs_close(ours, theirs, rel: float) -> None:
+    for name in OUTPUTS:
+        a, b = getattr(ours, name), getattr(theirs, name)
+        assert a.shape == b.shape and a.dtype == b.dtype, (name, a.shape, b.shape, a.dtype, b.dtype)
+        assert torch.isfinite(a).all(), name
+        err = ((a - b).abs().max() / b.abs().max()).item()
+        assert err <= rel, f"{name}: relative error {err:.3g} > {rel:g}"
+
+
+# (config, attn_mask_probs, batch): masking off, on, mixed (the reuse quirk), fractional (random unmasking)
+CASES = [
+    ("hf_tiny", [1.0], 2),
+    ("hf_tiny", [0.0], 1),
+    ("small_r4", [0.0, 0.0], 3),
+    ("small_r4", [1.0, 0.0], 3),  # layer 2 reuses layer 1's mask
+    ("small_r4", [0.5, 1.0], 2),  # random unmasking of query rows
+    ("r0_swiglu", [1.0, 0.3, 0.0], 2),
+    ("r0_swiglu", [0.0, 0.0, 0.0], 1),
+    ("hd64_up1", [1.0], 1),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize(("name", "probs", "batch"), CASES, ids=[f"{n}-p{'_'.join(map(str, p))}-B{b}" for n, p, b in CASES])
+def test_from_pretrained_matches_transformers(tmp_path, name, probs, batch, dtype):
+    hf = random_hf_model(seed=len(name) + batch, dtype=dtype, attn_mask_probs=probs, **TEST_CONFIGS[name])
+    hf.save_pretrained(tmp_path)
+    ours = EomtFastForUniversalSegmentation.from_pretrained(tmp_path)
+    assert ours.dtype == dtype
+    size = hf.config.image_size
+    pixel_values = torch.randn(batch, 3, size, size, dtype=dtype)
+    torch.manual_seed(123)  # fractional probs draw torch.rand(B, Q) per masked layer, same calls in both
+    expected = hf(pixel_values)
+    torch.manual_seed(123)
+    got = ours(pixel_values)
+    assert_outputs_close(got, expected, TOLERANCE[dtype])
+
+
+def test_from_hf_matches_and_shares_nothing():
+    hf = random_hf_model(seed=3, dtype=torch.float64, attn_mask_probs=[1.0, 1.0], **TEST_CONFIGS["small_r4"])
+    ours = EomtFastForUniversalSegmentation.from_hf(hf)
+    pixel_values = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    assert_outputs_close(ours(pixel_values), hf(pixel_values), 1e-9)
+    with torch.no_grad():  # a copy: changing the transformers model leaves ours alone
+        hf.layers[0].norm1.weight.add_(1.0)
+    assert not torch.equal(ours.layers[0].ln1_weight, hf.layers[0].norm1.weight)
+
+
+def test_generator_drives_random_unmasking():
+    hf = random_hf_model(seed=4, dtype=torch.float64, attn_mask_probs=[0.5, 0.5], **TEST_CONFIGS["small_r4"])
+    ours = EomtFastForUniversalSegmentation.from_hf(hf)
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    a = ours(x, generator=torch.Generator().manual_seed(7)).masks_queries_logits
+    b = ours(x, generator=torch.Generator().manual_seed(7)).masks_queries_logits
+    c = ours(x, generator=torch.Generator().manual_seed(8)).masks_queries_logits
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_num_blocks_zero_prepends_queries_after_the_last_layer():
+    """transformers cannot run num_blocks=0 (predict() then reads patch tokens as queries and fails);
+    here the queries enter after the last layer. Oracle: transformers' own modules composed that way."""
+    cfg = dict(TEST_CONFIGS["small_r4"], num_blocks=0)
+    hf = random_hf_model(seed=5, dtype=torch.float64, **cfg)
+    ours = EomtFastForUniversalSegmentation.from_hf(hf)
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    with torch.no_grad():
+        h = hf.embeddings(x)
+        for layer in hf.layers:
+            h = layer(h)
+        h = hf.layernorm(torch.cat([hf.query.weight[None].expand(2, -1, -1), h], dim=1))
+        masks, classes = hf.predict(h)
+    out = ours(x)
+    torch.testing.assert_close(out.last_hidden_state, h, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(out.masks_queries_logits, masks, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(out.class_queries_logits, classes, rtol=1e-9, atol=1e-12)
+
+
+def test_num_blocks_equal_to_layers():
+    cfg = dict(TEST_CONFIGS["small_r4"], num_blocks=4)
+    hf = random_hf_model(seed=6, dtype=torch.float64, attn_mask_probs=[1.0, 0.0, 1.0, 0.0], **cfg)
+    ours = EomtFastForUniversalSegmentation.from_hf(hf)
+    x = torch.randn(1, 3, 64, 64, dtype=torch.float64)
+    assert_outputs_close(ours(x), hf(x), 1e-9)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("probs", [[0.0, 0.0], [1.0, 1.0]], ids=["unmasked", "masked"])
+def test_low_precision_within_twice_transformers_error(dtype, probs):
+    """Against the fp64 oracle, our bf16/fp16 error is at most twice transformers' own in that dtype."""
+    hf64 = random_hf_model(seed=9, dtype=torch.float64, attn_mask_probs=probs, **TEST_CONFIGS["small_r4"])
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    truth = hf64(x)
+    hf_low = random_hf_model(seed=9, dtype=dtype, attn_mask_probs=probs, **TEST_CONFIGS["small_r4"])
+    ours = EomtFastForUniversalSegmentation.from_hf(hf_low)
+    assert ours.dtype == dtype
+    theirs, got = hf_low(x.to(dtype)), ours(x.to(dtype))
+    for name in OUTPUTS:
+        ref = getattr(truth, name)
+        their_err = (getattr(theirs, name).double() - ref).abs().mean().item()
+        our_err = (getattr(got, name).double() - ref).abs().mean().item()
+        assert getattr(got, name).dtype == dtype
+        assert our_err <= 2 * their_err + 1e-6, f"{name}: ours {our_err:.3g} vs transformers {their_err:.3g}"
