@@ -1,0 +1,115 @@
+"""The ``eomt-fast`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import os
+import platform
+import sys
+
+import torch
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from . import __version__, dispatch
+
+    print(f"eomt_fast {__version__}")
+    print(f"python {platform.python_version()} on {platform.platform()}")
+    for package in ("torch", "triton", "transformers", "safetensors", "numpy", "huggingface_hub"):
+        print(f"  {package:<16} {_version(package)}")
+    cuda = torch.cuda.is_available()
+    print(f"CUDA available: {cuda}" + (f" ({torch.cuda.get_device_name(0)}, CUDA {torch.version.cuda})" if cuda else ""))
+    print(f"TRITON_INTERPRET: {os.environ.get('TRITON_INTERPRET', 'unset')}")
+    if args.model:
+        from .model import EomtFastForUniversalSegmentation
+
+        model = EomtFastForUniversalSegmentation.from_pretrained(args.model, device=args.device, dtype=args.dtype,
+                                                                 backend=args.backend)
+        cfg = model.config
+        print(f"model {args.model}: {cfg.hidden_size}d x {cfg.num_hidden_layers} layers, {cfg.num_attention_heads} "
+              f"heads, {cfg.num_queries} queries, {cfg.image_size}px, {cfg.num_labels} labels, "
+              f"attn_mask_probs {list(model.masking_probs())}")
+        targets = [(model.device, model.dtype, model.backend)]
+    else:
+        dtype = args.dtype or "bfloat16"
+        devices = [args.device] if args.device else ["cpu"] + (["cuda"] if cuda else [])
+        from .model import parse_dtype
+
+        targets = [(torch.device(d), parse_dtype(dtype), args.backend) for d in devices]
+    for device, dtype, backend in targets:
+        print(f"ops on {device}, {str(dtype).removeprefix('torch.')}, backend={backend!r}:")
+        try:
+            paths = dispatch.plan(backend, device, dtype)
+        except (RuntimeError, NotImplementedError) as exc:
+            print(f"  unavailable: {exc}")
+            continue
+        for path in paths:
+            print(f"  {path.op:<20} {path.impl:<7} {path.reason}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(device=args.device or "cpu", dtype=args.dtype, batch_size=args.batch_size, repeats=args.repeats)
+    return 0
+
+
+def cmd_check_kernels(args: argparse.Namespace) -> int:
+    from .aot import all_specs, check_kernels
+
+    if not all_specs():
+        print("no Triton kernels to check yet")
+        return 0
+    reports = check_kernels(tuple(args.arch), args.filter)
+    for report in reports:
+        print(report.line())
+    failed = [r for r in reports if not r.ok]
+    print(f"{len(reports) - len(failed)}/{len(reports)} compiled cleanly")
+    return 1 if failed else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="eomt-fast", description="Fast EoMT image segmentation")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    info = sub.add_parser("info", help="versions, CUDA, and which implementation each op uses")
+    info.add_argument("--model", help="a model directory or Hub id to load and describe")
+    info.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: every device present)")
+    info.add_argument("--dtype", help="float32, bfloat16, float16, float64")
+    info.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
+    info.set_defaults(func=cmd_info)
+
+    demo = sub.add_parser("demo", help="build a small random EoMT, run it on a generated image, time it")
+    demo.add_argument("--device", default=None)
+    demo.add_argument("--dtype", default=None)
+    demo.add_argument("--batch-size", type=int, default=1)
+    demo.add_argument("--repeats", type=int, default=5)
+    demo.set_defaults(func=cmd_demo)
+
+    check = sub.add_parser("check-kernels", help="compile every Triton kernel for sm_80/sm_90 (no GPU needed)")
+    check.add_argument("--arch", type=int, nargs="+", default=[80, 90])
+    check.add_argument("--filter", default=None, help="only kernels whose name contains this")
+    check.set_defaults(func=cmd_check_kernels)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, TypeError, OSError, RuntimeError, NotImplementedError) as exc:
+        print(f"eomt-fast {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
