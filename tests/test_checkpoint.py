@@ -1,0 +1,223 @@
+"""Checkpoint loading and saving: formats, key names, and clear errors for broken checkpoints."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from eomt_fast import CheckpointError, ConfigError, EomtFastForUniversalSegmentation
+from eomt_fast.testing import TEST_CONFIGS, random_hf_model
+
+pytest.importorskip("transformers")
+
+
+@pytest.fixture
+def saved(tmp_path):
+    """A random transformers model (masking mixed) saved in the transformers format, and the model."""
+    hf = random_hf_model(seed=1, dtype=torch.float64, attn_mask_probs=[1.0, 0.0], **TEST_CONFIGS["small_r4"])
+    hf.save_pretrained(tmp_path)
+    return tmp_path, hf
+
+
+def outputs_of(model, seed=0, dtype=torch.float64):
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+    return model(x)
+
+
+def assert_same_model(a, b):
+    for name in ("masks_queries_logits", "class_queries_logits", "last_hidden_state"):
+        torch.testing.assert_close(getattr(outputs_of(a), name), getattr(outputs_of(b), name), rtol=1e-9, atol=1e-12)
+
+
+def test_attn_mask_probs_come_from_the_checkpoint(saved):
+    path, _ = saved
+    model = EomtFastForUniversalSegmentation.from_pretrained(path)
+    assert model.masking_probs() == (1.0, 0.0)
+
+
+def test_attn_mask_probs_default_to_ones_when_absent(saved):
+    path, _ = saved
+    state = load_file(path / "model.safetensors")
+    del state["attn_mask_probs"]
+    save_file(state, path / "model.safetensors", metadata={"format": "pt"})
+    assert EomtFastForUniversalSegmentation.from_pretrained(path).masking_probs() == (1.0, 1.0)
+
+
+def test_sharded_safetensors(saved, tmp_path_factory):
+    path, _ = saved
+    state = load_file(path / "model.safetensors")
+    keys = sorted(state)
+    sharded = tmp_path_factory.mktemp("sharded")
+    (sharded / "config.json").write_text((path / "config.json").read_text())
+    weight_map = {}
+    for i, part in enumerate((keys[: len(keys) // 2], keys[len(keys) // 2:])):
+        name = f"model-0000{i + 1}-of-00002.safetensors"
+        save_file({k: state[k] for k in part}, sharded / name, metadata={"format": "pt"})
+        weight_map.update({k: name for k in part})
+    (sharded / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    assert_same_model(EomtFastForUniversalSegmentation.from_pretrained(sharded),
+                      EomtFastForUniversalSegmentation.from_pretrained(path))
+
+
+def test_pytorch_bin(saved, tmp_path_factory):
+    path, _ = saved
+    other = tmp_path_factory.mktemp("bin")
+    (other / "config.json").write_text((path / "config.json").read_text())
+    torch.save(load_file(path / "model.safetensors"), other / "pytorch_model.bin")
+    assert_same_model(EomtFastForUniversalSegmentation.from_pretrained(other),
+                      EomtFastForUniversalSegmentation.from_pretrained(path))
+
+
+def test_swiglu_with_transformers_4_key_names(tmp_path):
+    """transformers 4.x stored SwiGLU as mlp.weights_in (gate rows, then up rows) and mlp.weights_out."""
+    hf = random_hf_model(seed=2, dtype=torch.float64, attn_mask_probs=[1.0, 0.0, 1.0], **TEST_CONFIGS["r0_swiglu"])
+    hf.save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    old = {}
+    for key, tensor in state.items():
+        if ".mlp.gate_proj." in key:
+            up = state[key.replace("gate_proj", "up_proj")]
+            old[key.replace("gate_proj", "weights_in")] = torch.cat([tensor, up])
+        elif ".mlp.up_proj." in key:
+            continue
+        else:
+            old[key.replace("down_proj", "weights_out")] = tensor
+    assert any("weights_in" in k for k in old) and not any("gate_proj" in k for k in old)
+    save_file(old, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    ours = EomtFastForUniversalSegmentation.from_pretrained(tmp_path)
+    x = torch.randn(2, 3, 48, 48, dtype=torch.float64)
+    torch.testing.assert_close(ours(x).masks_queries_logits, hf(x).masks_queries_logits, rtol=1e-9, atol=1e-10)
+
+
+def test_save_pretrained_round_trips_through_transformers(saved, tmp_path_factory):
+    from transformers import EomtForUniversalSegmentation
+
+    path, hf = saved
+    ours = EomtFastForUniversalSegmentation.from_pretrained(path)
+    out_dir = tmp_path_factory.mktemp("saved")
+    ours.save_pretrained(out_dir)
+    state = load_file(out_dir / "model.safetensors")
+    assert set(state) == set(load_file(path / "model.safetensors"))  # same keys, loss buffer included
+    back = EomtForUniversalSegmentation.from_pretrained(out_dir).eval()
+    back.set_attn_implementation(hf.config._attn_implementation)
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    torch.testing.assert_close(back(x).masks_queries_logits, hf(x).masks_queries_logits, rtol=1e-9, atol=1e-10)
+    assert back.config.id2label == hf.config.id2label
+    assert torch.equal(back.attn_mask_probs, hf.attn_mask_probs)
+    assert_same_model(EomtFastForUniversalSegmentation.from_pretrained(out_dir), ours)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", torch.float16, torch.float32])
+def test_dtype_and_device_arguments(saved, dtype):
+    path, _ = saved
+    model = EomtFastForUniversalSegmentation.from_pretrained(path, device="cpu", dtype=dtype)
+    expected = dtype if isinstance(dtype, torch.dtype) else torch.bfloat16
+    assert model.dtype == expected and model.device == torch.device("cpu")
+    assert all(p.dtype == expected for p in model.parameters())
+
+
+def test_bad_dtype_argument(saved):
+    with pytest.raises(ValueError, match="dtype"):
+        EomtFastForUniversalSegmentation.from_pretrained(saved[0], dtype="int8")
+
+
+# ---- broken checkpoints: one clear error that names the file or the keys ---------------------------
+def test_missing_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        EomtFastForUniversalSegmentation.from_pretrained(tmp_path / "nope")
+
+
+def test_file_instead_of_directory(saved):
+    with pytest.raises(NotADirectoryError, match="config.json"):
+        EomtFastForUniversalSegmentation.from_pretrained(saved[0] / "config.json")
+
+
+def test_missing_config(saved):
+    (saved[0] / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        EomtFastForUniversalSegmentation.from_pretrained(saved[0])
+
+
+def test_missing_weights(saved):
+    (saved[0] / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="no weights"):
+        EomtFastForUniversalSegmentation.from_pretrained(saved[0])
+
+
+def test_truncated_weights(saved):
+    weights = saved[0] / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        EomtFastForUniversalSegmentation.from_pretrained(saved[0])
+
+
+def test_truncated_pytorch_bin(saved):
+    state = load_file(saved[0] / "model.safetensors")
+    (saved[0] / "model.safetensors").unlink()
+    torch.save(state, saved[0] / "pytorch_model.bin")
+    data = (saved[0] / "pytorch_model.bin").read_bytes()
+    (saved[0] / "pytorch_model.bin").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="pytorch_model.bin"):
+        EomtFastForUniversalSegmentation.from_pretrained(saved[0])
+
+
+def test_config_that_is_not_eomt(saved):
+    config = json.loads((saved[0] / "config.json").read_text())
+    config["model_type"] = "vit"
+    (saved[0] / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match=r"config\.json.*not an EoMT config"):
+        EomtFastForUniversalSegmentation.from_pretrained(saved[0])
+
+
+def test_config_that_is_not_json(saved):
+    (saved[0] / "config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="config.json"):
+        EomtFastForUniversalSegmentation.from_pretrained(saved[0])
+
+
+def test_missing_unexpected_and_misshaped_keys_are_listed(saved):
+    path = saved[0]
+    state = load_file(path / "model.safetensors")
+    del state["layers.1.attention.q_proj.weight"]
+    state["layers.9.extra.weight"] = torch.zeros(3)
+    state["query.weight"] = torch.zeros(3, 64)
+    save_file(state, path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError) as info:
+        EomtFastForUniversalSegmentation.from_pretrained(path)
+    message = str(info.value)
+    assert "missing keys: layers.1.attention.q_proj.weight" in message
+    assert "unexpected keys: layers.9.extra.weight" in message
+    assert "query.weight (3, 64) (expected (7, 64))" in message
+
+
+def test_loss_buffer_is_ignored(saved):
+    path = saved[0]
+    state = load_file(path / "model.safetensors")
+    assert "criterion.empty_weight" in state
+    del state["criterion.empty_weight"]
+    save_file(state, path / "model.safetensors", metadata={"format": "pt"})
+    EomtFastForUniversalSegmentation.from_pretrained(path)  # neither missing when absent nor unexpected when present
+
+
+def test_hub_id_without_network_fails_clearly(monkeypatch):
+    pytest.importorskip("huggingface_hub")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(OSError, match="could not fetch 'tue-mps/no_such_eomt_model' from the Hugging Face Hub"):
+        EomtFastForUniversalSegmentation.from_pretrained("tue-mps/no_such_eomt_model")
+
+
+def test_hub_id_without_huggingface_hub(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_hub(name, *args, **kwargs):
+        if name == "huggingface_hub":
+            raise ImportError("no huggingface_hub")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_hub)
+    with pytest.raises(FileNotFoundError, match=r"eomt-fast\[hf\]"):
+        EomtFastForUniversalSegmentation.from_pretrained("tue-mps/coco_panoptic_eomt_large_640")

@@ -1,0 +1,67 @@
+"""Packaging: kernels/ is eomt_fast.kernels, never a top-level `kernels` (a PyPI package transformers imports)."""
+
+import importlib
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+import eomt_fast
+import eomt_fast.kernels
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_kernels_is_a_subpackage():
+    assert eomt_fast.kernels.__name__ == "eomt_fast.kernels"
+    assert Path(eomt_fast.kernels.__file__).parent.name == "kernels"
+
+
+def test_kernels_cannot_be_imported_top_level_even_from_the_checkout():
+    """From the repository root (where ./kernels is on sys.path) `import kernels` must not give our code."""
+    code = (
+        "import importlib.util, sys\n"
+        "try:\n"
+        "    import kernels\n"
+        "except ImportError as e:\n"
+        "    print('refused:', e)\n"
+        "else:\n"
+        "    print('imported', getattr(kernels, '__file__', None))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "refused" in result.stdout or str(ROOT) not in result.stdout, result.stdout
+
+
+def test_transformers_does_not_see_our_kernels_as_the_hub_package():
+    pytest.importorskip("transformers")
+    from transformers.utils import import_utils
+
+    check = getattr(import_utils, "is_kernels_available", None)
+    if check is None:
+        pytest.skip("this transformers has no is_kernels_available")
+    if importlib.util.find_spec("kernels") is not None and "eomt_fast" not in str(importlib.util.find_spec("kernels").origin):
+        pytest.skip("the real `kernels` package is installed")
+    assert not check()
+
+
+def test_built_wheel_has_no_top_level_kernels(tmp_path):
+    env = dict(os.environ, PIP_NO_INDEX="1")  # build offline with the setuptools already installed
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(ROOT)],
+        capture_output=True, text=True, timeout=300, env=env,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    wheel = next(tmp_path.glob("eomt_fast-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    top_level = {n.split("/")[0] for n in names}
+    assert "kernels" not in top_level, sorted(top_level)
+    assert "eomt_fast/kernels/__init__.py" in names and "eomt_fast/kernels/attention.py" in names
+    assert top_level <= {"eomt_fast", wheel.name.split("-")[0] + "-" + wheel.name.split("-")[1] + ".dist-info"}, top_level
+
+
+def test_version_is_exposed():
+    assert eomt_fast.__version__
