@@ -7,6 +7,7 @@ Weights are kept in the layout the ops want (``checkpoint.weight_rules``), prepa
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass, fields
@@ -238,8 +239,8 @@ class EomtFastForUniversalSegmentation(nn.Module):
         """Write config.json + model.safetensors that transformers' from_pretrained loads back."""
         weights = dict(self.named_parameters())
         weights["attn_mask_probs"] = self.attn_mask_probs
-        self.config.extra["dtype"] = str(self.dtype).removeprefix("torch.")
-        return checkpoint.write_checkpoint(directory, self.config, checkpoint.to_hf_state_dict(weights, self.config))
+        config = dataclasses.replace(self.config, extra={**self.config.extra, "dtype": str(self.dtype).removeprefix("torch.")})
+        return checkpoint.write_checkpoint(directory, config, checkpoint.to_hf_state_dict(weights, config))
 
     # ---- properties --------------------------------------------------------------------------------
     @property
