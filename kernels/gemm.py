@@ -2,4 +2,747 @@
 
 Holds no plain-PyTorch op of its own: every op built from these blocks has its reference in the file
 of that op (``linear.py``, ``layernorm_mlp.py``, ``upscale.py``, ...).
+
+The one GEMM, with everything around it decided at compile time::
+
+    h   = LN(A) or A                      (optional LayerNorm over the K axis of A, see below)
+    acc = h @ W^T                          W in nn.Linear layout (N, K), read through its strides; fp32 accumulation
+    y   = act(acc + bias)                  ACTIVATION: none / gelu (exact erf) / silu / relu
+    y   = act(acc_gate + b_g) * (acc_up + b_u)   GLU: gate rows [0, N) and up rows [N, 2N) of one W, both
+                                                  tiles computed by the same program (SwiGLU = GLU + silu)
+    out = residual + y * scale             HAS_SCALE (per-column vector), HAS_RESIDUAL (a tensor, any strides)
+
+Where the LayerNorm goes (``ln_mode``):
+- ``"separate"`` (the default): a row kernel writes LN(A) in the model dtype, then a plain GEMM runs.
+  The GEMM main loop stays "async-copy A and W tiles into shared memory -> wgmma", which Hopper runs
+  best; the cost is one write + one read of an (M, K) activation that sits in L2 at EoMT sizes, and
+  the rounding is exactly that of the PyTorch reference (LN output in the model dtype).
+- ``"prologue"``: a row kernel writes only mean/rstd (8 bytes a row) and the GEMM normalises each A
+  tile in registers before its dot. It saves that round trip, but the normalisation is redone by
+  every column tile (N / BLOCK_N times; 12x for QKV at BLOCK_N 256), it sits in the main loop between
+  the shared-memory load and the wgmma (register-sourced A operand), and it adds registers to a loop
+  that is tensor-core bound. Published attempts report that prologue fusion often loses to epilogue
+  fusion.
+  Both compile to wgmma without spills (``AOT_SPECS``; the prologue needs BLOCK_K 32 on its largest
+  tiles); the kernel count per layer is the same either way, so the choice is a speed question to
+  measure on the GPU (``ln_mode=``, ``DEFAULT_LN_MODE``). "separate" is the default until then.
+
+Precision: fp16/bf16 operands run on the tensor cores with fp32 accumulation and an fp32 epilogue,
+rounded once to the output dtype. fp32 operands use ``input_precision="ieee"`` (``FP32_DOT_PRECISION``):
+full fp32 products, like PyTorch's default (``allow_tf32=False``); slow but exact, since fp32 is this
+package's accuracy path, not its speed path.
+
+Output addressing: element (m, n) of the product goes to ``out[m // Mi, m % Mi, n // Ni, n % Ni]`` of a
+4-D strided view (2-D (M, N) and 3-D (Mo, Mi, N) outputs are special cases), and the residual is
+read the same way (zero strides allowed). This one rule writes into a slice of a bigger buffer (the
+patch tokens of ``[CLS | registers | patches]``), adds a position embedding expanded over the batch,
+and scatters ConvTranspose-2x2 results to their 2x2 output pixels.
+
+Tiles: on a GPU, ``@triton.autotune`` over a handful of tile shapes (keyed on M, N, K and the flags)
+with GROUP_M swizzling of the tile order for L2 reuse; under the interpreter exactly one small tile.
+Rows and columns past the end of the matrix are wrapped into range for the loads (no masks, never a
+padding copy) and masked at the store; K is masked per step. Row offsets are int64.
+Few tiles (batch 1, N = 1024: 120 tiles of 128 x 128, 60 of 128 x 256, for 132 SMs) can be met by the
+small tiles in the autotune list, by ``split_k`` (partial products to an fp32 workspace, then a reduce
+kernel applies the epilogue; deterministic, no atomics; costs an M x N x 4 x split_k byte round trip),
+or by a fixed ``config``: which wins must be measured on a GPU.
 """
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+ACTIVATIONS = {"none": 0, "gelu": 1, "silu": 2, "relu": 3}
+FP32_DOT_PRECISION = "ieee"  # fp32 operands: full-precision products (see the module docstring)
+DEFAULT_LN_MODE = "separate"  # "separate" or "prologue": where a fused LayerNorm on A runs
+LN_MODES = ("separate", "prologue")
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_LAYERNORM_WIDTH = 16384
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    """One tile configuration: an autotune entry, or passed as ``gemm(config=...)`` to bypass the
+    autotuner (e.g. to measure small tiles at batch 1)."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    group_m: int = 8
+    num_warps: int = 4
+    num_stages: int = 3
+    epilogue_subtiles: int = 1  # 2: the epilogue runs on two column halves in turn (fewer live registers)
+
+    def meta(self) -> dict:
+        return {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "BLOCK_K": self.block_k, "GROUP_M": self.group_m,
+                "EPILOGUE_SUBTILES": self.epilogue_subtiles}
+
+
+# Under the interpreter each program step costs milliseconds whatever the tile: one 64 x 64 x 64 tile
+# (GROUP_M 4, so that tests cross group boundaries) with the split epilogue of the big GPU tiles.
+INTERPRETER_CONFIG = GemmConfig(64, 64, 64, group_m=4, num_warps=4, num_stages=1, epilogue_subtiles=2)
+REDUCE_BLOCK = 64  # tile of the split-K reduce kernel
+
+# The autotune lists: GemmConfig(BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, warps, stages, epilogue subtiles).
+# Every entry compiles for sm_80 and sm_90 (wgmma there) without spills at the flags it is listed for
+# (``AOT_SPECS``, ``eomt-fast check-kernels``). Tiles with 128 fp32 accumulators a thread run their
+# epilogue on two column halves, which keeps GELU and residual epilogues from spilling. The small tiles
+# are there for batch 1, where N = 1024 gives 60 tiles of 128 x 256 for 132 SMs.
+GPU_CONFIGS = (
+    GemmConfig(128, 256, 64, 8, 8, 3, 2),
+    GemmConfig(256, 128, 64, 8, 8, 3, 2),
+    GemmConfig(128, 128, 64, 8, 8, 4, 2),
+    GemmConfig(128, 64, 64, 8, 4, 4, 1),
+    GemmConfig(64, 128, 64, 8, 4, 4, 2),
+    GemmConfig(64, 64, 64, 8, 4, 4, 1),
+)
+# The LayerNorm prologue holds mean, rstd, gamma and beta too: BLOCK_K 32 for the largest tiles.
+GPU_LN_PROLOGUE_CONFIGS = (
+    GemmConfig(128, 256, 32, 8, 8, 4, 2),
+    GemmConfig(256, 128, 32, 8, 8, 4, 2),
+    *GPU_CONFIGS[2:],
+)
+# GLU holds two accumulators: a 128 x 64 GLU tile does the MMA work of a 128 x 128 plain tile per A
+# tile loaded. (128 x 128 GLU tiles compile without spills for sm_90 but spill on sm_80.)
+GPU_GLU_CONFIGS = (
+    GemmConfig(128, 64, 64, 8, 8, 4, 1),
+    GemmConfig(128, 64, 32, 8, 8, 4, 1),
+    GemmConfig(64, 128, 32, 8, 8, 4, 1),
+    GemmConfig(64, 64, 64, 8, 4, 4, 1),
+)
+GPU_GLU_LN_PROLOGUE_CONFIGS = (
+    GemmConfig(128, 64, 64, 8, 8, 4, 1),
+    GemmConfig(128, 64, 32, 8, 8, 4, 1),
+    GemmConfig(64, 128, 32, 8, 8, 4, 1),
+    GemmConfig(64, 64, 32, 8, 4, 4, 1),
+)
+# fp32 operands run on FMA units ("ieee" dots): smaller tiles, BLOCK_K 32 (16 with GLU).
+GPU_FP32_CONFIGS = (
+    GemmConfig(128, 128, 32, 8, 8, 3, 1),
+    GemmConfig(128, 64, 32, 8, 8, 3, 1),
+    GemmConfig(64, 128, 32, 8, 8, 3, 1),
+    GemmConfig(64, 64, 32, 8, 8, 3, 1),
+)
+GPU_FP32_GLU_CONFIGS = (
+    GemmConfig(64, 64, 16, 8, 8, 3, 1),
+    GemmConfig(64, 32, 32, 8, 4, 3, 1),
+    GemmConfig(32, 64, 32, 8, 4, 3, 1),
+)
+
+
+def _accumulators_per_thread(c: GemmConfig) -> int:
+    return c.block_m * c.block_n // (32 * c.num_warps)
+
+
+def gemm_configs(glu: bool = False, ln_prologue: bool = False, fp32: bool = False,
+                 view_4d: bool = False) -> list[GemmConfig]:
+    """The tile configurations the autotuner tries for these flags (exactly one under the interpreter)."""
+    if INTERPRET:  # more than one config needs a GPU to benchmark on
+        return [INTERPRETER_CONFIG]
+    if fp32:
+        configs = list(GPU_FP32_GLU_CONFIGS if glu else GPU_FP32_CONFIGS)
+    elif glu:
+        configs = list(GPU_GLU_LN_PROLOGUE_CONFIGS if ln_prologue else GPU_GLU_CONFIGS)
+    else:
+        configs = list(GPU_LN_PROLOGUE_CONFIGS if ln_prologue else GPU_CONFIGS)
+    if view_4d:  # the 4-D addressing divides row and column indices: registers the big tiles lack
+        configs = [c for c in configs if _accumulators_per_thread(c) <= 64]
+    return configs
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned_kernel(glu: bool, ln_prologue: bool, fp32: bool, view_4d: bool):
+    configs = [triton.Config(c.meta(), num_warps=c.num_warps, num_stages=c.num_stages)
+               for c in gemm_configs(glu, ln_prologue, fp32, view_4d)]
+    return triton.autotune(configs=configs, key=["M", "N", "K", "SPLIT_K", "ACTIVATION", "HAS_RESIDUAL"])(_gemm_kernel)
+
+
+# ---- building blocks (@triton.jit functions other kernels can call) ----------------------------------
+
+@triton.jit
+def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Tile (pid_m, pid_n) of program ``pid``, GROUP_M row tiles swept together so that the W column
+    tiles they share stay in L2."""
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    rows_in_group = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % rows_in_group
+    pid_n = (pid % per_group) // rows_in_group
+    return pid_m, pid_n
+
+
+@triton.jit
+def apply_activation(x, ACTIVATION: tl.constexpr):
+    """0 none, 1 exact GELU x * Phi(x) (erf, not tanh), 2 SiLU x * sigmoid(x), 3 ReLU; x fp32."""
+    if ACTIVATION == 1:
+        x = 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
+    elif ACTIVATION == 2:
+        x = x * tl.sigmoid(x)
+    elif ACTIVATION == 3:
+        x = tl.maximum(x, 0.0)
+    return x
+
+
+@triton.jit
+def tile_ptrs(Base, offs_m, offs_n, rows_inner, cols_inner, stride_0, stride_1, stride_2, stride_3,
+              VIEW_4D: tl.constexpr, ALIGNED_ROWS: tl.constexpr):
+    """Pointers to the (m, n) elements of a tile: Base[m, n] through (stride_1, stride_3), or with VIEW_4D
+    Base[m // Mi, m % Mi, n // Ni, n % Ni] of a 4-D strided view. Row offsets are int64; the division
+    costs registers that the plain 2-D case does not pay. ALIGNED_ROWS (plain case) promises 16-byte
+    aligned row starts, as the JIT infers from divisible arguments: without it, an ahead-of-time compile
+    stores element by element and spills."""
+    if VIEW_4D:
+        rows = (offs_m // rows_inner).to(tl.int64) * stride_0 + (offs_m % rows_inner).to(tl.int64) * stride_1
+        cols = (offs_n // cols_inner) * stride_2 + (offs_n % cols_inner) * stride_3
+        row_ptrs = Base + rows
+    else:
+        row_ptrs = Base + offs_m.to(tl.int64) * stride_1
+        if ALIGNED_ROWS:
+            row_ptrs = tl.multiple_of(row_ptrs, [16])
+        cols = offs_n * stride_3
+    return row_ptrs[:, None] + cols[None, :]
+
+
+@triton.jit
+def gemm_mainloop(
+    A, W, rows, cols, k_lo, k_hi,
+    stride_am, stride_ak, stride_wn, stride_wk, glu_offset,
+    Mean, Rstd, LnW, LnB,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    LN_PROLOGUE: tl.constexpr, GLU: tl.constexpr, ALIGNED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """fp32 (acc, acc_up) = LN?(A[rows, k_lo:k_hi]) @ W[cols (+ glu_offset), k_lo:k_hi]^T.
+
+    ``rows``/``cols`` must be in range (wrap them); K is masked here. Without GLU the second
+    accumulator is never touched and the compiler drops it. ALIGNED promises 16-byte aligned rows of A
+    and W and k_lo, k_hi multiples of 16: what the JIT would infer from arguments divisible by 16, said
+    explicitly so that an ahead-of-time compile (which gets no such facts) builds the same pipelined
+    16-byte async copies."""
+    a_rows = A + rows.to(tl.int64) * stride_am  # [BLOCK_M] row starts
+    w_rows = W + cols.to(tl.int64) * stride_wn  # [BLOCK_N] row starts (nn.Linear layout: a row per output)
+    if ALIGNED:
+        a_rows = tl.multiple_of(a_rows, [16])
+        w_rows = tl.multiple_of(w_rows, [16])
+        k_hi = k_hi // 16 * 16  # a no-op when K % 16 == 0, and one the compiler's alignment analysis reads
+    offs_k = k_lo + tl.arange(0, BLOCK_K)
+    a_ptrs = a_rows[:, None] + offs_k[None, :] * stride_ak  # [BLOCK_M, BLOCK_K]
+    w_ptrs = w_rows[None, :] + offs_k[:, None] * stride_wk  # [BLOCK_K, BLOCK_N]
+    if GLU:
+        w_up_ptrs = w_ptrs + glu_offset * stride_wn
+    if LN_PROLOGUE:
+        mean = tl.load(Mean + rows)
+        rstd = tl.load(Rstd + rows)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for _ in range(k_lo, k_hi, BLOCK_K):
+        mask_k = offs_k < k_hi
+        a = tl.load(a_ptrs, mask=mask_k[None, :], other=0.0)
+        if LN_PROLOGUE:  # masked columns become 0: gamma and beta load as 0 there
+            gamma = tl.load(LnW + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+            beta = tl.load(LnB + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+            a = (a.to(tl.float32) - mean[:, None]) * rstd[:, None] * gamma[None, :] + beta[None, :]
+            a = a.to(A.dtype.element_ty)
+        w = tl.load(w_ptrs, mask=mask_k[:, None], other=0.0)
+        acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
+        if GLU:
+            w_up = tl.load(w_up_ptrs, mask=mask_k[:, None], other=0.0)
+            acc_up = tl.dot(a, w_up, acc_up, input_precision=DOT_PRECISION)
+            w_up_ptrs += BLOCK_K * stride_wk
+        a_ptrs += BLOCK_K * stride_ak
+        w_ptrs += BLOCK_K * stride_wk
+        offs_k += BLOCK_K
+    return acc, acc_up
+
+
+@triton.jit
+def gemm_epilogue(
+    acc, acc_up, offs_n, mask_n, mask, res_ptrs, glu_offset, Bias, Scale, Res,
+    ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    GLU: tl.constexpr,
+):
+    """fp32 residual + act(acc + bias) [* (acc_up + bias_up)] * scale, on one tile."""
+    if HAS_BIAS:
+        acc += tl.load(Bias + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        if GLU:
+            acc_up += tl.load(Bias + glu_offset + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    y = apply_activation(acc, ACTIVATION)
+    if GLU:
+        y = y * acc_up
+    if HAS_SCALE:
+        y = y * tl.load(Scale + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    if HAS_RESIDUAL:
+        y += tl.load(res_ptrs, mask=mask, other=0.0).to(tl.float32)
+    return y
+
+
+@triton.jit
+def store_tile(
+    acc, acc_up, offs_m, offs_n, M, N, glu_offset, Out, Bias, Scale, Res,
+    out_rows_inner, out_cols_inner, stride_o0, stride_o1, stride_o2, stride_o3,
+    stride_r0, stride_r1, stride_r2, stride_r3,
+    ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    GLU: tl.constexpr, VIEW_4D: tl.constexpr, OUT_ALIGNED: tl.constexpr,
+):
+    """Epilogue of one fp32 tile (rows offs_m, columns offs_n) and its masked store to Out."""
+    if OUT_ALIGNED:  # N % 16 == 0, said in a form the alignment analysis reads (vectorised masks)
+        mask_n = offs_n < N // 16 * 16
+    else:
+        mask_n = offs_n < N
+    mask = (offs_m < M)[:, None] & mask_n[None, :]
+    res_ptrs = tile_ptrs(Res, offs_m, offs_n, out_rows_inner, out_cols_inner,
+                         stride_r0, stride_r1, stride_r2, stride_r3, VIEW_4D, OUT_ALIGNED)
+    y = gemm_epilogue(acc, acc_up, offs_n, mask_n, mask, res_ptrs, glu_offset, Bias, Scale, Res,
+                      ACTIVATION, HAS_BIAS, HAS_SCALE, HAS_RESIDUAL, GLU)
+    out_ptrs = tile_ptrs(Out, offs_m, offs_n, out_rows_inner, out_cols_inner,
+                         stride_o0, stride_o1, stride_o2, stride_o3, VIEW_4D, OUT_ALIGNED)
+    tl.store(out_ptrs, y.to(Out.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def split_columns(acc, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The left and right column halves of a [BLOCK_M, BLOCK_N] tile."""
+    return tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+
+
+# ---- kernels -----------------------------------------------------------------------------------------
+
+@triton.jit
+def _gemm_kernel(
+    A,  # (M, K) activations, any strides
+    W,  # (N, K) weight, or (2N, K) [gate | up] with GLU; nn.Linear layout, any strides
+    Out,  # output, addressed through the 4-D view (out_rows_inner, out_cols_inner, stride_o*)
+    Bias,  # (N,) or (2N,) with GLU; unused without HAS_BIAS
+    Scale,  # (N,) per-column scale (LayerScale); unused without HAS_SCALE
+    Res,  # residual, addressed like Out through its own strides; unused without HAS_RESIDUAL
+    Mean, Rstd,  # (M,) fp32 row statistics of A; unused without LN_PROLOGUE
+    LnW, LnB,  # (K,) LayerNorm weight and bias; unused without LN_PROLOGUE
+    Ws, WsUp,  # (SPLIT_K, M, N) fp32 partial sums (of the up half with GLU); unused when SPLIT_K == 1
+    M, N, K,
+    stride_am, stride_ak, stride_wn, stride_wk,
+    out_rows_inner, out_cols_inner, stride_o0, stride_o1, stride_o2, stride_o3,
+    stride_r0, stride_r1, stride_r2, stride_r3,
+    glu_offset,  # row offset of the up half of W (= N) with GLU
+    ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    LN_PROLOGUE: tl.constexpr, GLU: tl.constexpr, SPLIT_K: tl.constexpr, VIEW_4D: tl.constexpr,
+    ALIGNED: tl.constexpr, OUT_ALIGNED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    EPILOGUE_SUBTILES: tl.constexpr,
+):
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_k = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_per_split = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
+    k_lo = pid_k * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, K)
+    # Rows/columns past the end are wrapped into range: their loads need no mask, their results are
+    # never stored.
+    acc, acc_up = gemm_mainloop(
+        A, W, offs_m % M, offs_n % N, k_lo, k_hi, stride_am, stride_ak, stride_wn, stride_wk, glu_offset,
+        Mean, Rstd, LnW, LnB, BLOCK_M, BLOCK_N, BLOCK_K, LN_PROLOGUE, GLU, ALIGNED, DOT_PRECISION)
+    if SPLIT_K > 1:  # raw partial sums; _splitk_reduce_kernel adds them up and applies the epilogue
+        if OUT_ALIGNED:
+            mask = (offs_m < M)[:, None] & (offs_n < N // 16 * 16)[None, :]
+        else:
+            mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+        split = pid_k.to(tl.int64) * M * N
+        ws_ptrs = tile_ptrs(Ws + split, offs_m, offs_n, M, N, 0, N, 0, 1, False, OUT_ALIGNED)
+        tl.store(ws_ptrs, acc, mask=mask)
+        if GLU:
+            ws_up_ptrs = tile_ptrs(WsUp + split, offs_m, offs_n, M, N, 0, N, 0, 1, False, OUT_ALIGNED)
+            tl.store(ws_up_ptrs, acc_up, mask=mask)
+    elif EPILOGUE_SUBTILES == 2:  # two column halves, one after the other: fewer live registers
+        acc_left, acc_right = split_columns(acc, BLOCK_M, BLOCK_N)
+        up_left, up_right = acc_left, acc_right
+        if GLU:
+            up_left, up_right = split_columns(acc_up, BLOCK_M, BLOCK_N)
+        offs_left = pid_n * BLOCK_N + tl.arange(0, BLOCK_N // 2)
+        store_tile(acc_left, up_left, offs_m, offs_left, M, N, glu_offset, Out, Bias, Scale, Res,
+                   out_rows_inner, out_cols_inner, stride_o0, stride_o1, stride_o2, stride_o3,
+                   stride_r0, stride_r1, stride_r2, stride_r3,
+                   ACTIVATION, HAS_BIAS, HAS_SCALE, HAS_RESIDUAL, GLU, VIEW_4D, OUT_ALIGNED)
+        store_tile(acc_right, up_right, offs_m, offs_left + BLOCK_N // 2, M, N, glu_offset, Out, Bias, Scale, Res,
+                   out_rows_inner, out_cols_inner, stride_o0, stride_o1, stride_o2, stride_o3,
+                   stride_r0, stride_r1, stride_r2, stride_r3,
+                   ACTIVATION, HAS_BIAS, HAS_SCALE, HAS_RESIDUAL, GLU, VIEW_4D, OUT_ALIGNED)
+    else:
+        store_tile(acc, acc_up, offs_m, offs_n, M, N, glu_offset, Out, Bias, Scale, Res,
+                   out_rows_inner, out_cols_inner, stride_o0, stride_o1, stride_o2, stride_o3,
+                   stride_r0, stride_r1, stride_r2, stride_r3,
+                   ACTIVATION, HAS_BIAS, HAS_SCALE, HAS_RESIDUAL, GLU, VIEW_4D, OUT_ALIGNED)
+
+
+@triton.jit
+def _splitk_reduce_kernel(
+    Ws, WsUp,  # (SPLIT_K, M, N) fp32 partial sums from _gemm_kernel (of the up half with GLU)
+    Out, Bias, Scale, Res,  # as in _gemm_kernel
+    M, N,
+    out_rows_inner, out_cols_inner, stride_o0, stride_o1, stride_o2, stride_o3,
+    stride_r0, stride_r1, stride_r2, stride_r3,
+    glu_offset,
+    ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    GLU: tl.constexpr, SPLIT_K: tl.constexpr, VIEW_4D: tl.constexpr, OUT_ALIGNED: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    offsets = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for _ in range(SPLIT_K):  # a fixed order: deterministic
+        acc += tl.load(Ws + offsets, mask=mask, other=0.0)
+        if GLU:
+            acc_up += tl.load(WsUp + offsets, mask=mask, other=0.0)
+        offsets += M * N
+    store_tile(acc, acc_up, offs_m, offs_n, M, N, glu_offset, Out, Bias, Scale, Res,
+               out_rows_inner, out_cols_inner, stride_o0, stride_o1, stride_o2, stride_o3,
+               stride_r0, stride_r1, stride_r2, stride_r3,
+               ACTIVATION, HAS_BIAS, HAS_SCALE, HAS_RESIDUAL, GLU, VIEW_4D, OUT_ALIGNED)
+
+
+@triton.jit
+def _layernorm_rows_kernel(
+    X,  # (M, C) input rows, unit column stride
+    Y,  # (M, C) normalised rows in Y's dtype; unused without WRITE_Y
+    Mean, Rstd,  # (M,) fp32 statistics; unused without WRITE_STATS
+    LnW, LnB,  # (C,) LayerNorm weight and bias; unused without WRITE_Y
+    M, C, stride_xm, stride_ym, eps,
+    WRITE_Y: tl.constexpr, WRITE_STATS: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """LayerNorm of ROWS rows per program, two-pass statistics in fp32 over the whole row in registers."""
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK_C)
+    mask_c = cols < C
+    mask = (rows < M)[:, None] & mask_c[None, :]
+    x = tl.load(X + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    mean = tl.sum(x, axis=1) / C
+    xc = tl.where(mask, x - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / C + eps)
+    if WRITE_STATS:
+        tl.store(Mean + rows, mean, mask=rows < M)
+        tl.store(Rstd + rows, rstd, mask=rows < M)
+    if WRITE_Y:
+        gamma = tl.load(LnW + cols, mask=mask_c, other=0.0).to(tl.float32)
+        beta = tl.load(LnB + cols, mask=mask_c, other=0.0).to(tl.float32)
+        y = xc * rstd[:, None] * gamma[None, :] + beta[None, :]
+        tl.store(Y + rows[:, None] * stride_ym + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+
+
+# ---- launchers ---------------------------------------------------------------------------------------
+
+def _layernorm_launch(x: torch.Tensor, y, mean, rstd, ln_weight, ln_bias, eps: float) -> None:
+    m, c = x.shape
+    block_c = triton.next_power_of_2(c)
+    if block_c > MAX_LAYERNORM_WIDTH:
+        raise ValueError(f"the LayerNorm row kernel holds a row in registers: at most {MAX_LAYERNORM_WIDTH} "
+                         f"columns, got {c}")
+    rows = 16 if INTERPRET else max(1, min(16, 4096 // block_c))
+    num_warps = 4 if block_c <= 1024 else 8
+    dummy = x  # stands for the pointers a flag leaves unused
+    _layernorm_rows_kernel[(triton.cdiv(m, rows),)](
+        x, y if y is not None else dummy, mean if mean is not None else dummy, rstd if rstd is not None else dummy,
+        ln_weight if ln_weight is not None else dummy, ln_bias if ln_bias is not None else dummy,
+        m, c, x.stride(0), y.stride(0) if y is not None else 0, eps,
+        WRITE_Y=y is not None, WRITE_STATS=mean is not None, ROWS=rows, BLOCK_C=block_c, num_warps=num_warps)
+
+
+def _rows(x: torch.Tensor, name: str) -> torch.Tensor:
+    if x.dim() != 2:
+        raise ValueError(f"{name} must be 2-D (M, K), got shape {tuple(x.shape)}")
+    return x if x.stride(1) == 1 else x.contiguous()
+
+
+def layernorm(x: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor, eps: float,
+              out: torch.Tensor | None = None) -> torch.Tensor:
+    """LayerNorm of the rows of a 2-D x, in x's dtype (fp32 statistics): the ``"separate"`` LN."""
+    x = _rows(x, "x")
+    if out is None:
+        out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    if out.shape != x.shape or out.stride(1) != 1:
+        raise ValueError(f"out must be {tuple(x.shape)} with unit column stride, got {tuple(out.shape)}")
+    ln_weight, ln_bias = _vector(ln_weight), _vector(ln_bias)
+    if x.shape[0]:
+        _layernorm_launch(x, out, None, None, ln_weight, ln_bias, eps)
+    return out
+
+
+def row_stats(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, rstd) in fp32 of the rows of a 2-D x: what the ``"prologue"`` LN reads."""
+    x = _rows(x, "x")
+    mean = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
+    rstd = torch.empty_like(mean)
+    if x.shape[0]:
+        _layernorm_launch(x, None, mean, rstd, None, None, eps)
+    return mean, rstd
+
+
+def _view_geometry(t: torch.Tensor, m: int, n: int, name: str) -> tuple[int, int, int, int, int, int]:
+    """(Mi, Ni, s0, s1, s2, s3) of a (M, N), (Mo, Mi, N) or (Mo, Mi, No, Ni) view of an M x N result."""
+    if t.dim() == 2:
+        shape, strides = (1, t.shape[0], 1, t.shape[1]), (0, t.stride(0), 0, t.stride(1))
+    elif t.dim() == 3:
+        shape, strides = (t.shape[0], t.shape[1], 1, t.shape[2]), (t.stride(0), t.stride(1), 0, t.stride(2))
+    elif t.dim() == 4:
+        shape, strides = tuple(t.shape), tuple(t.stride())
+    else:
+        raise ValueError(f"{name} must be 2-D, 3-D or 4-D, got shape {tuple(t.shape)}")
+    if shape[0] * shape[1] != m or shape[2] * shape[3] != n:
+        raise ValueError(f"{name} of shape {tuple(t.shape)} does not hold an {m} x {n} result")
+    return (shape[1], shape[3], *strides)
+
+
+def gemm(
+    a: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    activation: str = "none",
+    glu: bool = False,
+    scale: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    ln: tuple[torch.Tensor, torch.Tensor, float] | None = None,
+    ln_mode: str | None = None,
+    out: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+    split_k: int = 1,
+    config: GemmConfig | None = None,
+) -> torch.Tensor:
+    """out = residual + act(LN?(a) @ weight^T + bias) * scale, one kernel (plus the LN row kernel).
+
+    a: (M, K) fp16/bf16/fp32, any strides (unit K stride is fastest). weight: (N, K) in a's dtype, nn.Linear
+    layout, any strides (a (K, N) tensor passed as ``w.t()`` works without a copy). With ``glu`` weight is
+    (2N, K) = [gate | up] and the result is act(gate) * up (``activation="silu"``: SwiGLU); bias then has 2N
+    entries. bias (N,), scale (N,): any float dtype, applied in fp32. residual and out: (M, N), (Mo, Mi, N) or
+    (Mo, Mi, No, Ni) views, any strides (residual may use zero strides); out defaults to a new contiguous (M, N)
+    tensor of ``out_dtype`` (default a's dtype); it must not share memory with a, weight or residual. ln =
+    (ln_weight, ln_bias, eps): LayerNorm a's rows first, where ``ln_mode`` says ("separate" / "prologue",
+    default ``DEFAULT_LN_MODE``). ``split_k`` > 1 splits K over that many programs per tile (fp32 workspace +
+    a reduce kernel with the epilogue); ``config`` fixes the tile instead of autotuning.
+    """
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+    if a.dim() != 2 or weight.dim() != 2:
+        raise ValueError(f"a and weight must be 2-D, got {tuple(a.shape)} and {tuple(weight.shape)}")
+    if a.dtype not in _DTYPES or weight.dtype != a.dtype:
+        raise TypeError(f"a and weight must share one of fp16/bf16/fp32, got {a.dtype} and {weight.dtype}")
+    if weight.device != a.device:
+        raise ValueError(f"a is on {a.device} but weight on {weight.device}")
+    m, k = a.shape
+    rows_w = weight.shape[0]
+    if weight.shape[1] != k:
+        raise ValueError(f"a is {m} x {k} but weight is {tuple(weight.shape)} (expected (N, {k}))")
+    if glu and rows_w % 2:
+        raise ValueError(f"glu needs an even number of weight rows ([gate | up]), got {rows_w}")
+    n = rows_w // 2 if glu else rows_w
+    for name, vec, length in (("bias", bias, rows_w), ("scale", scale, n)):
+        if vec is not None and tuple(vec.shape) != (length,):
+            raise ValueError(f"{name} must have shape ({length},), got {tuple(vec.shape)}")
+    if split_k < 1:
+        raise ValueError(f"split_k must be >= 1, got {split_k}")
+    bias, scale = _vector(bias), _vector(scale)  # the kernels index vectors with unit stride
+    if ln is not None:
+        ln = (_vector(ln[0]), _vector(ln[1]), ln[2])
+    if out is None:
+        out = torch.empty((m, n), dtype=out_dtype or a.dtype, device=a.device)
+    out_geom = _view_geometry(out, m, n, "out")
+    if residual is not None:
+        res_geom = _view_geometry(residual, m, n, "residual")
+        if res_geom[:2] != out_geom[:2]:
+            raise ValueError(f"residual {tuple(residual.shape)} and out {tuple(out.shape)} must split M and N alike")
+        res_strides = res_geom[2:]
+    else:
+        res_strides = (0, 0, 0, 0)
+    if ln is not None and (ln[0].shape != (k,) or ln[1].shape != (k,)):
+        raise ValueError(f"LayerNorm weight and bias must have shape ({k},), got {tuple(ln[0].shape)} "
+                         f"and {tuple(ln[1].shape)}")
+    if m == 0 or n == 0:
+        return out
+    if k == 0 and ln is not None:
+        raise ValueError("a LayerNorm over K = 0 columns is undefined")
+    for name, t in (("a", a), ("weight", weight), ("residual", residual)):
+        if t is not None and t.untyped_storage().data_ptr() == out.untyped_storage().data_ptr():
+            raise ValueError(f"out must not share memory with {name} (other tiles still read it; the autotuner "
+                             "runs the kernel more than once)")
+
+    mean = rstd = ln_weight = ln_bias = None
+    if ln is not None:
+        ln_weight, ln_bias, eps = ln
+        mode = ln_mode or DEFAULT_LN_MODE
+        if mode == "separate":
+            a = layernorm(a, ln_weight, ln_bias, eps)
+            ln_weight = ln_bias = None
+        elif mode == "prologue":
+            mean, rstd = row_stats(a, eps)
+        else:
+            raise ValueError(f"ln_mode must be one of {LN_MODES}, got {mode!r}")
+
+    workspace = None
+    if split_k > 1:
+        workspace = torch.empty((1 + glu, split_k, m, n), dtype=torch.float32, device=a.device)
+    view_4d = out_geom[:2] != (m, n)  # out (and the residual) split M or N: division in the epilogue
+    # The alignment facts the JIT would derive from divisible arguments, passed explicitly (see
+    # gemm_mainloop): then an ahead-of-time compile sees the same kernel as the GPU.
+    aligned = k % 16 == 0 and _rows_aligned(a) and _rows_aligned(weight)
+    out_aligned = n % 16 == 0 and (view_4d or (_rows_aligned(out) and (residual is None or _rows_aligned(residual))))
+    epilogue = dict(
+        ACTIVATION=ACTIVATIONS[activation], HAS_BIAS=bias is not None, HAS_SCALE=scale is not None,
+        HAS_RESIDUAL=residual is not None, GLU=glu, SPLIT_K=split_k, VIEW_4D=view_4d, OUT_ALIGNED=out_aligned,
+    )
+    dummy = a  # stands for the pointers a flag leaves unused
+    bias_, scale_, residual_ = (t if t is not None else dummy for t in (bias, scale, residual))
+    args = (
+        a, weight, out, bias_, scale_, residual_,
+        mean if mean is not None else dummy, rstd if rstd is not None else dummy,
+        ln_weight if ln_weight is not None else dummy, ln_bias if ln_bias is not None else dummy,
+        workspace[0] if workspace is not None else dummy, workspace[-1] if workspace is not None else dummy,
+        m, n, k, a.stride(0), a.stride(1), weight.stride(0), weight.stride(1),
+        *out_geom, *res_strides, n,
+    )
+    mainloop = dict(LN_PROLOGUE=mean is not None, ALIGNED=aligned,
+                    DOT_PRECISION=FP32_DOT_PRECISION if a.dtype == torch.float32 else "tf32")  # 16-bit: ignored
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), split_k)  # noqa: E731
+    if config is not None:
+        _gemm_kernel[grid(config.meta())](*args, **epilogue, **mainloop, **config.meta(),
+                                          num_warps=config.num_warps, num_stages=config.num_stages)
+    else:
+        tuned = _tuned_kernel(glu, mean is not None, a.dtype == torch.float32, view_4d)
+        tuned[grid](*args, **epilogue, **mainloop)
+    if split_k > 1:
+        _splitk_reduce_kernel[(triton.cdiv(m, REDUCE_BLOCK), triton.cdiv(n, REDUCE_BLOCK))](
+            workspace[0], workspace[-1], out, bias_, scale_, residual_, m, n, *out_geom, *res_strides, n,
+            **epilogue, BLOCK_M=REDUCE_BLOCK, BLOCK_N=REDUCE_BLOCK, num_warps=4)
+    return out
+
+
+def _vector(t: torch.Tensor | None) -> torch.Tensor | None:
+    return t if t is None or t.stride(-1) == 1 else t.contiguous()
+
+
+def _rows_aligned(t: torch.Tensor) -> bool:
+    """Every row of a 2-D (or last-two-dims) tensor starts on a 16-byte boundary."""
+    return t.data_ptr() % 16 == 0 and all((st * t.element_size()) % 16 == 0 for st in t.stride()[:-1])
+
+
+# ---- ahead-of-time compile checks (eomt-fast check-kernels) ------------------------------------------
+
+_TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+def gemm_aot_spec(name: str, dtype: torch.dtype, config: GemmConfig, *, activation: str = "none",
+                  has_bias: bool = True, has_scale: bool = False, has_residual: bool = False,
+                  ln_prologue: bool = False, glu: bool = False, split_k: int = 1, view_4d: bool = False):
+    """A KernelSpec of ``_gemm_kernel`` as the launcher compiles it on a GPU for contiguous, 16-byte aligned
+    operands with K and N multiples of 16 (every EoMT GEMM): unit strides are constants, as the JIT
+    specialises arguments equal to 1, and ALIGNED / OUT_ALIGNED are set, as the launcher sets them."""
+    from eomt_fast.aot import KernelSpec
+
+    t = _TRITON_DTYPE[dtype]
+    ptr = f"*{t}"
+    signature = {
+        "A": ptr, "W": ptr, "Out": ptr, "Bias": ptr, "Scale": ptr, "Res": ptr, "Mean": "*fp32", "Rstd": "*fp32",
+        "LnW": ptr, "LnB": ptr, "Ws": "*fp32", "WsUp": "*fp32",
+        "M": "i32", "N": "i32", "K": "i32",
+        "stride_am": "i32", "stride_ak": "i32", "stride_wn": "i32", "stride_wk": "i32",
+        "out_rows_inner": "i32", "out_cols_inner": "i32",
+        "stride_o0": "i32", "stride_o1": "i32", "stride_o2": "i32", "stride_o3": "i32",
+        "stride_r0": "i32", "stride_r1": "i32", "stride_r2": "i32", "stride_r3": "i32",
+        "glu_offset": "i32",
+    }
+    constexprs = {
+        "stride_ak": 1, "stride_wk": 1, "stride_o3": 1, "stride_r3": 1,
+        "ACTIVATION": ACTIVATIONS[activation], "HAS_BIAS": has_bias, "HAS_SCALE": has_scale,
+        "HAS_RESIDUAL": has_residual, "LN_PROLOGUE": ln_prologue, "GLU": glu, "SPLIT_K": split_k,
+        "VIEW_4D": view_4d, "ALIGNED": True, "OUT_ALIGNED": True,
+        "DOT_PRECISION": FP32_DOT_PRECISION if dtype == torch.float32 else "tf32", **config.meta(),
+    }
+    signature.update({key: "constexpr" for key in constexprs})
+    c = config
+    label = f"{name}_{t}_{c.block_m}x{c.block_n}x{c.block_k}_w{c.num_warps}s{c.num_stages}"
+    return KernelSpec(name=label + (f"_sub{c.epilogue_subtiles}" if c.epilogue_subtiles > 1 else ""),
+                      fn=_gemm_kernel, signature=signature, constexprs=constexprs, num_warps=c.num_warps,
+                      num_stages=c.num_stages, needs_wgmma=dtype != torch.float32)
+
+
+def gemm_aot_specs(name: str, **flags) -> list:
+    """Specs of one GEMM of an op: every bf16 autotune config for its flags, and the first in fp16
+    (fp16 and bf16 compile to the same registers and shared memory)."""
+    configs = gemm_configs(flags.get("glu", False), flags.get("ln_prologue", False), False, flags.get("view_4d", False))
+    return ([gemm_aot_spec(name, torch.bfloat16, c, **flags) for c in configs]
+            + [gemm_aot_spec(name, torch.float16, configs[0], **flags)])
+
+
+def layernorm_aot_spec(name: str, dtype: torch.dtype, hidden: int, *, write_y: bool = True, write_stats: bool = False):
+    from eomt_fast.aot import KernelSpec
+
+    t = _TRITON_DTYPE[dtype]
+    block_c = triton.next_power_of_2(hidden)
+    signature = {"X": f"*{t}", "Y": f"*{t}", "Mean": "*fp32", "Rstd": "*fp32", "LnW": f"*{t}", "LnB": f"*{t}",
+                 "M": "i32", "C": "i32", "stride_xm": "i32", "stride_ym": "i32", "eps": "fp32",
+                 "WRITE_Y": "constexpr", "WRITE_STATS": "constexpr", "ROWS": "constexpr", "BLOCK_C": "constexpr"}
+    constexprs = {"WRITE_Y": write_y, "WRITE_STATS": write_stats, "ROWS": max(1, min(16, 4096 // block_c)),
+                  "BLOCK_C": block_c}
+    return KernelSpec(name=f"{name}_{t}_C{hidden}", fn=_layernorm_rows_kernel, signature=signature,
+                      constexprs=constexprs, num_warps=4 if block_c <= 1024 else 8)
+
+
+def splitk_reduce_aot_spec(name: str, dtype: torch.dtype, split_k: int, *, activation: str = "none",
+                           has_scale: bool = True, has_residual: bool = True, glu: bool = False):
+    from eomt_fast.aot import KernelSpec
+
+    t = _TRITON_DTYPE[dtype]
+    ptr = f"*{t}"
+    signature = {"Ws": "*fp32", "WsUp": "*fp32", "Out": ptr, "Bias": ptr, "Scale": ptr, "Res": ptr,
+                 "M": "i32", "N": "i32", "out_rows_inner": "i32", "out_cols_inner": "i32",
+                 "stride_o0": "i32", "stride_o1": "i32", "stride_o2": "i32", "stride_o3": "i32",
+                 "stride_r0": "i32", "stride_r1": "i32", "stride_r2": "i32", "stride_r3": "i32",
+                 "glu_offset": "i32"}
+    constexprs = {"stride_o3": 1, "stride_r3": 1, "ACTIVATION": ACTIVATIONS[activation], "HAS_BIAS": True,
+                  "HAS_SCALE": has_scale, "HAS_RESIDUAL": has_residual, "GLU": glu, "SPLIT_K": split_k,
+                  "VIEW_4D": False, "OUT_ALIGNED": True, "BLOCK_M": REDUCE_BLOCK, "BLOCK_N": REDUCE_BLOCK}
+    signature.update({key: "constexpr" for key in constexprs})
+    return KernelSpec(name=f"{name}_{t}_splitk{split_k}", fn=_splitk_reduce_kernel, signature=signature,
+                      constexprs=constexprs, num_warps=4)
+
+
+# The building blocks at the configurations the ops do not list themselves (each op file lists its
+# GEMMs): split-K partial products and their reduce, the LayerNorm row kernel, a 4-D (scattered) output.
+def _aot_specs() -> list:
+    return [
+        gemm_aot_spec("gemm_splitk2", torch.bfloat16, GPU_CONFIGS[0], split_k=2),
+        gemm_aot_spec("gemm_splitk2", torch.bfloat16, GPU_CONFIGS[2], split_k=2),
+        gemm_aot_spec("gemm_splitk2_glu", torch.bfloat16, GPU_GLU_CONFIGS[0], split_k=2, glu=True, activation="silu"),
+        *gemm_aot_specs("gemm_view4d_residual", view_4d=True, has_residual=True),
+        # fp32 ("ieee" dots on FMA units: no wgmma), at the heaviest flags
+        *(gemm_aot_spec("gemm_fp32_residual", torch.float32, c, has_scale=True, has_residual=True)
+          for c in gemm_configs(fp32=True)),
+        *(gemm_aot_spec("gemm_fp32_glu" + ("_prologue" if prologue else ""), torch.float32, c, glu=True,
+                        activation="silu", ln_prologue=prologue)
+          for c in gemm_configs(glu=True, fp32=True) for prologue in (False, True)),
+        *(gemm_aot_spec("gemm_fp32_gelu_prologue", torch.float32, c, activation="gelu", ln_prologue=True)
+          for c in gemm_configs(ln_prologue=True, fp32=True)),
+        splitk_reduce_aot_spec("gemm_splitk_reduce", torch.bfloat16, 2),
+        splitk_reduce_aot_spec("gemm_splitk_reduce_glu", torch.bfloat16, 4, glu=True, activation="silu",
+                               has_scale=False, has_residual=False),
+        layernorm_aot_spec("layernorm_rows", torch.bfloat16, 1024),
+        layernorm_aot_spec("layernorm_rows", torch.float16, 1536),
+        layernorm_aot_spec("layernorm_rows_stats", torch.bfloat16, 1024, write_y=False, write_stats=True),
+    ]
+
+
+def __getattr__(name: str):
+    # AOT_SPECS is built on first access: eomt_fast.aot imports eomt_fast.dispatch, which imports this
+    # file, so importing KernelSpec while this module loads would be circular.
+    if name == "AOT_SPECS":
+        return _aot_specs()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -45,3 +45,138 @@ def layernorm_swiglu_ref(
     h = F.layer_norm(x, (x.shape[-1],), ln_weight, ln_bias, eps)
     gate, up = F.linear(h, gate_up_weight, gate_up_bias).chunk(2, dim=-1)
     return F.linear(F.silu(gate) * up, down_weight, down_bias) * scale + x
+
+
+# ---- Triton: two GEMMs of gemm.py, every elementwise op in their prologue/epilogues ------------------
+#
+# GELU MLP:  h = GELU(LN(x) @ W1^T + b1)                 fc1 GEMM, LN per gemm.DEFAULT_LN_MODE, GELU epilogue
+#            y = x + (h @ W2^T + b2) * ls                fc2 GEMM, bias + LayerScale + residual epilogue
+# SwiGLU:    h = silu(LN(x) @ Wg^T + bg) * (LN(x) @ Wu^T + bu)   one GEMM over [Wg | Wu]: each program
+#                                                        computes the gate and the up tile of its columns
+#            y = x + (h @ Wd^T + bd) * ls
+# h is kept in the model dtype, as in the reference; fp16/bf16 accumulate in fp32 on the tensor cores,
+# fp32 runs "ieee" dots (full fp32 products).
+
+from . import gemm as _gemm  # noqa: E402
+from .linear import _check, _flat, _out  # noqa: E402
+
+
+def layernorm_mlp_forward(
+    x: torch.Tensor,
+    ln_weight: torch.Tensor,
+    ln_bias: torch.Tensor,
+    eps: float,
+    fc1_weight: torch.Tensor,
+    fc1_bias: torch.Tensor,
+    fc2_weight: torch.Tensor,
+    fc2_bias: torch.Tensor,
+    scale: torch.Tensor,
+    *,
+    out: torch.Tensor | None = None,
+    ln_mode: str | None = None,
+    split_k: int = 1,
+    config: _gemm.GemmConfig | None = None,
+) -> torch.Tensor:
+    """Triton ``layernorm_mlp_ref``. ``ln_mode`` "separate" / "prologue" (default ``gemm.DEFAULT_LN_MODE``),
+    ``split_k`` for fc2 (N = C gives few tiles at batch 1), ``config`` a fixed tile for both GEMMs."""
+    _check(x, fc1_weight, fc2_weight)
+    y = _out(x, x.shape[-1], out)
+    x2 = _flat(x)
+    h = _gemm.gemm(x2, fc1_weight, fc1_bias, activation="gelu", ln=(ln_weight, ln_bias, eps), ln_mode=ln_mode,
+                   config=config)
+    _gemm.gemm(h, fc2_weight, fc2_bias, scale=scale, residual=x2, out=_flat(y), split_k=split_k, config=config)
+    return y
+
+
+def layernorm_swiglu_forward(
+    x: torch.Tensor,
+    ln_weight: torch.Tensor,
+    ln_bias: torch.Tensor,
+    eps: float,
+    gate_up_weight: torch.Tensor,
+    gate_up_bias: torch.Tensor,
+    down_weight: torch.Tensor,
+    down_bias: torch.Tensor,
+    scale: torch.Tensor,
+    *,
+    out: torch.Tensor | None = None,
+    ln_mode: str | None = None,
+    split_k: int = 1,
+    config: _gemm.GemmConfig | None = None,
+) -> torch.Tensor:
+    """Triton ``layernorm_swiglu_ref``: gate_up_weight rows [0, H) are the gate, [H, 2H) the up projection;
+    silu(gate) * up is the epilogue of that one GEMM. Options as ``layernorm_mlp_forward``."""
+    _check(x, gate_up_weight, down_weight)
+    y = _out(x, x.shape[-1], out)
+    x2 = _flat(x)
+    h = _gemm.gemm(x2, gate_up_weight, gate_up_bias, activation="silu", glu=True, ln=(ln_weight, ln_bias, eps),
+                   ln_mode=ln_mode, config=config)
+    _gemm.gemm(h, down_weight, down_bias, scale=scale, residual=x2, out=_flat(y), split_k=split_k, config=config)
+    return y
+
+
+# Registered ops: opaque to torch.compile (fullgraph) and safe under CUDA graphs (no host syncs; the
+# autotuner runs on the first call, so warm up before capturing).
+
+@torch.library.custom_op("eomt_fast::layernorm_mlp", mutates_args=())
+def layernorm_mlp(
+    x: torch.Tensor,
+    ln_weight: torch.Tensor,
+    ln_bias: torch.Tensor,
+    eps: float,
+    fc1_weight: torch.Tensor,
+    fc1_bias: torch.Tensor,
+    fc2_weight: torch.Tensor,
+    fc2_bias: torch.Tensor,
+    scale: torch.Tensor,
+) -> torch.Tensor:
+    """Triton ``layernorm_mlp_ref`` (LN2 + GELU MLP + LayerScale + residual)."""
+    return layernorm_mlp_forward(x, ln_weight, ln_bias, eps, fc1_weight, fc1_bias, fc2_weight, fc2_bias, scale)
+
+
+@layernorm_mlp.register_fake
+def _(x, ln_weight, ln_bias, eps, fc1_weight, fc1_bias, fc2_weight, fc2_bias, scale):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("eomt_fast::layernorm_swiglu", mutates_args=())
+def layernorm_swiglu(
+    x: torch.Tensor,
+    ln_weight: torch.Tensor,
+    ln_bias: torch.Tensor,
+    eps: float,
+    gate_up_weight: torch.Tensor,
+    gate_up_bias: torch.Tensor,
+    down_weight: torch.Tensor,
+    down_bias: torch.Tensor,
+    scale: torch.Tensor,
+) -> torch.Tensor:
+    """Triton ``layernorm_swiglu_ref`` (LN2 + SwiGLU MLP + LayerScale + residual)."""
+    return layernorm_swiglu_forward(x, ln_weight, ln_bias, eps, gate_up_weight, gate_up_bias, down_weight,
+                                    down_bias, scale)
+
+
+@layernorm_swiglu.register_fake
+def _(x, ln_weight, ln_bias, eps, gate_up_weight, gate_up_bias, down_weight, down_bias, scale):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+TRITON_OPS = {"layernorm_mlp": layernorm_mlp, "layernorm_swiglu": layernorm_swiglu}
+
+# The GEMMs of these ops at their GPU configurations (EoMT-L: C 1024, MLP 4096), for check-kernels.
+def _aot_specs() -> list:
+    return [
+        *_gemm.gemm_aot_specs("layernorm_mlp_fc1", activation="gelu"),
+        *_gemm.gemm_aot_specs("layernorm_mlp_fc1_prologue", activation="gelu", ln_prologue=True),
+        *_gemm.gemm_aot_specs("layernorm_mlp_fc2", has_scale=True, has_residual=True),
+        *_gemm.gemm_aot_specs("layernorm_swiglu_fc1", glu=True, activation="silu"),
+        *_gemm.gemm_aot_specs("layernorm_swiglu_fc1_prologue", glu=True, activation="silu", ln_prologue=True),
+    ]
+
+
+def __getattr__(name: str):
+    # AOT_SPECS is built on first access: eomt_fast.aot imports eomt_fast.dispatch, which imports this
+    # file, so importing KernelSpec while this module loads would be circular.
+    if name == "AOT_SPECS":
+        return _aot_specs()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

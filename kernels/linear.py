@@ -54,3 +54,185 @@ def mask_head_ref(
     h = gelu_ref(F.linear(x, fc1_weight, fc1_bias))
     h = gelu_ref(F.linear(h, fc2_weight, fc2_bias))
     return F.linear(h, fc3_weight, fc3_bias)
+
+
+# ---- Triton: the projection GEMMs of gemm.py with their epilogues ----------------------------------
+#
+# layernorm_qkv  : LN1 (gemm.DEFAULT_LN_MODE: a row kernel, or mean/rstd + the GEMM prologue) -> x @ Wqkv^T + b
+# out_projection : attn @ Wo^T, epilogue residual + (acc + b) * ls1: one kernel
+# mask_head      : three GEMMs, bias + GELU in the epilogues of the first two
+# fp16/bf16 operands: tensor cores, fp32 accumulation and epilogue, one rounding to the output dtype;
+# fp32 operands: input_precision="ieee" (full fp32 products, like PyTorch's default).
+
+from . import gemm as _gemm  # noqa: E402
+
+
+def _check(x: torch.Tensor, *weights: torch.Tensor) -> None:
+    """dtypes only: gemm() checks the shapes."""
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"the Triton kernels take fp16, bf16 or fp32 activations, got {x.dtype}")
+    for w in weights:
+        if w.dtype != x.dtype:
+            raise TypeError(f"weights must have the activations' dtype {x.dtype}, got {w.dtype}")
+
+
+def _out(x: torch.Tensor, n: int, out: torch.Tensor | None) -> torch.Tensor:
+    """A new (..., n) output like x, or the caller's ``out`` after checking it."""
+    shape = (*x.shape[:-1], n)
+    if out is None:
+        return x.new_empty(shape)
+    if tuple(out.shape) != shape or out.dtype != x.dtype or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {x.dtype} tensor of shape {shape}, "
+                         f"got {out.dtype} {tuple(out.shape)}")
+    return out
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    """(..., C) -> (M, C): a view whenever the layout allows one (the kernels take any row stride)."""
+    return t.reshape(-1, t.shape[-1])
+
+
+def layernorm_linear_forward(
+    x: torch.Tensor,
+    ln_weight: torch.Tensor,
+    ln_bias: torch.Tensor,
+    eps: float,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    out: torch.Tensor | None = None,
+    ln_mode: str | None = None,
+    config: _gemm.GemmConfig | None = None,
+) -> torch.Tensor:
+    """Triton ``layernorm_linear_ref``: LN over the last dim, then x @ W^T + b, (..., C) -> (..., N).
+
+    ``ln_mode`` "separate" / "prologue" (default ``gemm.DEFAULT_LN_MODE``), ``config`` a fixed tile."""
+    _check(x, weight)
+    y = _out(x, weight.shape[0], out)
+    _gemm.gemm(_flat(x), weight, bias, ln=(ln_weight, ln_bias, eps), ln_mode=ln_mode, out=_flat(y),
+               config=config)
+    return y
+
+
+def linear_residual_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    scale: torch.Tensor,
+    residual: torch.Tensor,
+    *,
+    out: torch.Tensor | None = None,
+    split_k: int = 1,
+    config: _gemm.GemmConfig | None = None,
+) -> torch.Tensor:
+    """Triton ``linear_residual_ref``: residual + (x @ W^T + b) * scale in one GEMM epilogue.
+
+    ``split_k`` > 1 splits K (for few output tiles at batch 1), ``config`` fixes the tile."""
+    _check(x, weight)
+    y = _out(x, weight.shape[0], out)
+    if residual.shape != y.shape:
+        raise ValueError(f"residual must have shape {tuple(y.shape)}, got {tuple(residual.shape)}")
+    _gemm.gemm(_flat(x), weight, bias, scale=scale, residual=_flat(residual), out=_flat(y),
+               split_k=split_k, config=config)
+    return y
+
+
+def mask_head_forward(
+    x: torch.Tensor,
+    fc1_weight: torch.Tensor,
+    fc1_bias: torch.Tensor,
+    fc2_weight: torch.Tensor,
+    fc2_bias: torch.Tensor,
+    fc3_weight: torch.Tensor,
+    fc3_bias: torch.Tensor,
+    *,
+    out: torch.Tensor | None = None,
+    split_k: int = 1,
+    config: _gemm.GemmConfig | None = None,
+) -> torch.Tensor:
+    """Triton ``mask_head_ref``: three GEMMs, bias + exact GELU fused into the first two epilogues.
+    The hidden activations are kept in the model dtype, as in the reference."""
+    _check(x, fc1_weight, fc2_weight, fc3_weight)
+    y = _out(x, fc3_weight.shape[0], out)
+    h = _gemm.gemm(_flat(x), fc1_weight, fc1_bias, activation="gelu", split_k=split_k, config=config)
+    h = _gemm.gemm(h, fc2_weight, fc2_bias, activation="gelu", split_k=split_k, config=config)
+    _gemm.gemm(h, fc3_weight, fc3_bias, out=_flat(y), split_k=split_k, config=config)
+    return y
+
+
+# Registered ops: opaque to torch.compile (fullgraph) and safe under CUDA graphs (no host syncs; the
+# autotuner runs on the first call, so warm up before capturing).
+
+@torch.library.custom_op("eomt_fast::layernorm_qkv", mutates_args=())
+def layernorm_linear(
+    x: torch.Tensor,
+    ln_weight: torch.Tensor,
+    ln_bias: torch.Tensor,
+    eps: float,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """Triton ``layernorm_linear_ref`` (LN1 + fused QKV projection)."""
+    return layernorm_linear_forward(x, ln_weight, ln_bias, eps, weight, bias)
+
+
+@layernorm_linear.register_fake
+def _(x, ln_weight, ln_bias, eps, weight, bias):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+@torch.library.custom_op("eomt_fast::out_projection", mutates_args=())
+def linear_residual(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    scale: torch.Tensor,
+    residual: torch.Tensor,
+) -> torch.Tensor:
+    """Triton ``linear_residual_ref`` (output projection + LayerScale + residual)."""
+    return linear_residual_forward(x, weight, bias, scale, residual)
+
+
+@linear_residual.register_fake
+def _(x, weight, bias, scale, residual):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+@torch.library.custom_op("eomt_fast::mask_head", mutates_args=())
+def mask_head(
+    x: torch.Tensor,
+    fc1_weight: torch.Tensor,
+    fc1_bias: torch.Tensor,
+    fc2_weight: torch.Tensor,
+    fc2_bias: torch.Tensor,
+    fc3_weight: torch.Tensor,
+    fc3_bias: torch.Tensor,
+) -> torch.Tensor:
+    """Triton ``mask_head_ref`` (fc1 -> GELU -> fc2 -> GELU -> fc3)."""
+    return mask_head_forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, fc3_weight, fc3_bias)
+
+
+@mask_head.register_fake
+def _(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, fc3_weight, fc3_bias):
+    return x.new_empty((*x.shape[:-1], fc3_weight.shape[0]))
+
+
+TRITON_OPS = {"layernorm_qkv": layernorm_linear, "out_projection": linear_residual, "mask_head": mask_head}
+
+# The GEMMs of these ops at their GPU configurations (EoMT-L: C 1024, QKV N 3072), for check-kernels.
+def _aot_specs() -> list:
+    return [
+        *_gemm.gemm_aot_specs("layernorm_qkv"),
+        *_gemm.gemm_aot_specs("layernorm_qkv_prologue", ln_prologue=True),
+        *_gemm.gemm_aot_specs("out_projection", has_scale=True, has_residual=True),
+        # the mask head runs the bias + GELU GEMMs of layernorm_mlp's fc1 (same kernels): one entry to show
+        _gemm.gemm_aot_spec("mask_head_gelu", torch.bfloat16, _gemm.GPU_CONFIGS[-1], activation="gelu"),
+    ]
+
+
+def __getattr__(name: str):
+    # AOT_SPECS is built on first access: eomt_fast.aot imports eomt_fast.dispatch, which imports this
+    # file, so importing KernelSpec while this module loads would be circular.
+    if name == "AOT_SPECS":
+        return _aot_specs()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,311 @@
+"""The GEMM building block of kernels/gemm.py against float64 PyTorch.
+
+Without CUDA these run in Triton's interpreter (fp32 and fp16; its bf16 is broken) at small, awkward
+shapes; the ``gpu`` tests run every autotune configuration at EoMT-L shapes. Errors are held against
+PyTorch's own error in the same dtype: ours <= 2 x torch's + a tiny floor, both against float64.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from eomt_fast.kernels import gemm as G
+
+from tests.conftest import poison_
+
+GPU = torch.cuda.is_available()
+DTYPES = [torch.float32, torch.float16]
+DTYPE_IDS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+FLOOR = {torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}  # x max |exact|
+
+
+def assert_close(ours: torch.Tensor, theirs: torch.Tensor, exact: torch.Tensor) -> None:
+    """ours (the kernel) and theirs (PyTorch in the same dtype) against exact (float64)."""
+    assert ours.shape == exact.shape, (ours.shape, exact.shape)
+    assert torch.isfinite(ours).all(), "non-finite output (an element left unwritten?)"
+    ours_err = (ours.double() - exact).abs().max().item()
+    theirs_err = (theirs.double() - exact).abs().max().item()
+    floor = FLOOR[ours.dtype] * exact.abs().max().item()
+    assert ours_err <= 2 * theirs_err + floor, f"error {ours_err:.3g} > 2 x torch's {theirs_err:.3g} + {floor:.3g}"
+
+
+def gemm_ref(a, w, bias=None, activation="none", glu=False, scale=None, residual=None, ln=None):
+    """The same computation in plain PyTorch, rounding where a PyTorch model would (per op)."""
+    if ln is not None:
+        a = F.layer_norm(a, (a.shape[-1],), ln[0], ln[1], ln[2])
+    y = F.linear(a, w, bias)
+    act = {"none": lambda t: t, "gelu": F.gelu, "silu": F.silu, "relu": F.relu}[activation]
+    if glu:
+        gate, up = y.chunk(2, dim=-1)
+        y = act(gate) * up
+    else:
+        y = act(y)
+    if scale is not None:
+        y = y * scale
+    if residual is not None:
+        y = y + residual
+    return y
+
+
+def make(m, k, n, dtype, *, glu=False, bias=True, scale=False, residual=False, ln=False, seed=0, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, std=1.0, mean=0.0):
+        return (torch.randn(*shape, generator=g) * std + mean).to(device=device, dtype=dtype)
+
+    rows = 2 * n if glu else n
+    kw = dict(bias=rnd(rows, std=0.1) if bias else None, scale=rnd(n, std=0.5, mean=0.2) if scale else None,
+              residual=rnd(m, n) if residual else None,
+              ln=(rnd(k, std=0.1, mean=1.0), rnd(k, std=0.1), 1e-6) if ln else None)
+    return rnd(m, k, mean=0.3), rnd(rows, k, std=k**-0.5), kw
+
+
+def upcast(kw):
+    return {name: (tuple(t.double() if torch.is_tensor(t) else t for t in v) if isinstance(v, tuple)
+                   else v.double() if torch.is_tensor(v) else v) for name, v in kw.items()}
+
+
+def check_gemm(m, k, n, dtype, flags, device="cpu", **launch):
+    """flags: bias, activation, glu, scale, residual, ln (False or an ln_mode)."""
+    glu, activation = flags.get("glu", False), flags.get("activation", "none")
+    shape_flags = {f: bool(flags[f]) for f in ("bias", "scale", "residual", "ln") if f in flags}
+    a, w, kw = make(m, k, n, dtype, glu=glu, device=device, **shape_flags)
+    out = poison_(torch.empty(m, n, dtype=dtype, device=device))
+    ln_mode = flags["ln"] if flags.get("ln") else None
+    ours = G.gemm(a, w, kw["bias"], activation=activation, glu=glu, scale=kw["scale"], residual=kw["residual"],
+                  ln=kw["ln"], ln_mode=ln_mode, out=out, **launch)
+    assert ours is out
+    exact = gemm_ref(a.double(), w.double(), activation=activation, glu=glu, **upcast(kw))
+    theirs = gemm_ref(a, w, activation=activation, glu=glu, **kw)
+    assert_close(ours, theirs, exact)
+
+
+# (M, K, N, flags): every flag, M = 1 .. 600 and K, N off the 64-wide interpreter tile.
+CASES = [
+    (1, 48, 40, dict(bias=True)),                                   # one row: a single, mostly wrapped tile
+    (7, 100, 96, dict(activation="gelu")),                          # K = 64 + 36: a masked second step
+    (130, 64, 33, dict(scale=True, residual=True)),                 # the LayerScale + residual epilogue, odd N
+    (600, 40, 64, dict(bias=False, activation="relu")),             # 10 row tiles: GROUP_M boundaries
+    (130, 80, 48, dict(glu=True, activation="silu")),               # SwiGLU: gate and up tiles in one program
+    (7, 48, 96, dict(glu=True, activation="gelu", residual=True)),  # GeGLU + residual
+    (130, 96, 72, dict(ln="separate", activation="gelu")),          # LayerNorm on A: a row kernel first
+    (130, 96, 72, dict(ln="prologue", activation="gelu")),          # ... or normalised in the GEMM prologue
+    (600, 48, 40, dict(ln="separate", glu=True, activation="silu", scale=True, residual=True)),
+    (600, 48, 40, dict(ln="prologue", glu=True, activation="silu", scale=True, residual=True)),
+]
+
+
+def case_id(case):
+    m, k, n, flags = case
+    parts = [f"M{m}-K{k}-N{n}"]
+    if flags.get("ln"):
+        parts.append(f"ln_{flags['ln']}")
+    if flags.get("glu"):
+        parts.append("glu")
+    if flags.get("activation", "none") != "none":
+        parts.append(flags["activation"])
+    if flags.get("bias", True) is False:
+        parts.append("nobias")
+    if flags.get("residual"):
+        parts.append("scale-residual" if flags.get("scale") else "residual")
+    return "-".join(parts)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_gemm_epilogues(case, dtype):
+    m, k, n, flags = case
+    check_gemm(m, k, n, dtype, {"bias": True, **flags})
+
+
+# split_k 3 over K = 100 gives splits of 64, 36 and nothing: an empty split must add zeros.
+@pytest.mark.parametrize("split_k", [2, 3])
+@pytest.mark.parametrize("case", [(130, 100, 48, dict(scale=True, residual=True)),
+                                  (7, 160, 40, dict(glu=True, activation="silu"))], ids=case_id)
+def test_gemm_split_k(case, split_k):
+    m, k, n, flags = case
+    check_gemm(m, k, n, torch.float16, {"bias": True, **flags}, split_k=split_k)
+
+
+# A fixed config instead of the autotuner: the unsplit epilogue, a small tile, a 2-stage pipeline.
+@pytest.mark.parametrize("config", [G.GemmConfig(32, 32, 32, 2, 4, 2, 1), G.GemmConfig(16, 64, 16, 1, 4, 1, 2)],
+                         ids=["32x32x32-sub1", "16x64x16-sub2"])
+def test_gemm_fixed_config(config):
+    check_gemm(70, 40, 72, torch.float16, dict(bias=True, activation="gelu", scale=True, residual=True),
+               config=config)
+
+
+def test_gemm_strided_operands():
+    """W stored as (K, N) and passed as w.t(), A a column slice of a wider buffer: no copies needed."""
+    m, k, n = 70, 48, 40
+    g = torch.Generator().manual_seed(1)
+    wide = torch.randn(m, k + 16, generator=g, dtype=torch.float32).half()
+    a = wide[:, 8:8 + k]
+    w_kn = (torch.randn(k, n, generator=g) * k**-0.5).half()
+    out = G.gemm(a, w_kn.t())
+    assert_close(out, F.linear(a, w_kn.t()), F.linear(a.double(), w_kn.t().double()))
+
+
+def test_gemm_position_embedding_into_token_buffer():
+    """The patch-embedding pattern: write B x P rows into the patch slice of [CLS | registers | patches]
+    and add a (P, C) position embedding expanded over the batch (zero batch stride)."""
+    batch, prefix, patches, k, c = 3, 5, 21, 48, 40
+    g = torch.Generator().manual_seed(2)
+    a = torch.randn(batch * patches, k, generator=g).half()
+    w = (torch.randn(c, k, generator=g) * k**-0.5).half()
+    bias = (torch.randn(c, generator=g) * 0.1).half()
+    pos = torch.randn(patches, c, generator=g).half()
+    tokens = poison_(torch.empty(batch, prefix + patches, c, dtype=torch.float16))
+    G.gemm(a, w, bias, residual=pos.expand(batch, patches, c), out=tokens[:, prefix:])
+    assert torch.isnan(tokens[:, :prefix]).all(), "wrote outside the patch slice"
+    exact = (F.linear(a.double(), w.double(), bias.double()).view(batch, patches, c) + pos.double())
+    theirs = F.linear(a, w, bias).view(batch, patches, c) + pos
+    assert_close(tokens[:, prefix:], theirs, exact)
+
+
+def test_gemm_convtranspose_pixel_scatter():
+    """ConvTranspose2d(k=2, s=2) as a GEMM C_in -> (kh, kw, C_out) whose epilogue scatters each row's four
+    results to its 2 x 2 output pixels, through a 4-D view of the (B, 2H, 2W, C_out) output."""
+    batch, h, w_, cin, cout = 2, 5, 7, 32, 24
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(batch, cin, h, w_, generator=g).half()
+    weight = (torch.randn(cin, cout, 2, 2, generator=g) * cin**-0.5).half()
+    bias = (torch.randn(cout, generator=g) * 0.1).half()
+    w_nk = weight.permute(2, 3, 1, 0).reshape(4 * cout, cin)  # rows (kh, kw, c_out); prepared once at load
+    a = x.permute(0, 2, 3, 1).reshape(batch * h * w_, cin)  # rows (b, i, j), channels last
+    out = poison_(torch.empty(batch, 2 * h, 2 * w_, cout, dtype=torch.float16))
+    # out[b, 2i + kh, 2j + kw, c] = view[(b, i), j, kh, (kw, c)]
+    view = out.view(batch, h, 2, w_, 2 * cout).permute(0, 1, 3, 2, 4).reshape(batch * h, w_, 2, 2 * cout)
+    assert view.data_ptr() == out.data_ptr() and view._base is not None
+    G.gemm(a, w_nk, bias.repeat(4), out=view)
+    exact = F.conv_transpose2d(x.double(), weight.double(), bias.double(), stride=2).permute(0, 2, 3, 1)
+    theirs = F.conv_transpose2d(x.float(), weight.float(), bias.float(), stride=2).half().permute(0, 2, 3, 1)
+    assert_close(out, theirs, exact)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("shape", [(1, 32), (37, 48), (130, 100)], ids=lambda s: f"M{s[0]}-C{s[1]}")
+def test_layernorm_rows(shape, dtype):
+    m, c = shape
+    g = torch.Generator().manual_seed(4)
+    x = (torch.randn(m, c, generator=g) * 3 + 5).to(dtype)  # a large mean: two-pass statistics
+    w, b = (torch.randn(c, generator=g) * 0.1 + 1).to(dtype), (torch.randn(c, generator=g) * 0.1).to(dtype)
+    out = poison_(torch.empty_like(x))
+    G.layernorm(x, w, b, 1e-6, out=out)
+    exact = F.layer_norm(x.double(), (c,), w.double(), b.double(), 1e-6)
+    assert_close(out, F.layer_norm(x, (c,), w, b, 1e-6), exact)
+    mean, rstd = G.row_stats(x, 1e-6)
+    xd = x.double()
+    torch.testing.assert_close(mean.double(), xd.mean(1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rstd.double(), (xd.var(1, unbiased=False) + 1e-6).rsqrt(), rtol=1e-5, atol=1e-5)
+
+
+def test_gemm_empty_and_invalid():
+    a, w = torch.randn(0, 32).half(), torch.randn(16, 32).half()
+    assert G.gemm(a, w).shape == (0, 16)
+    with pytest.raises(TypeError):
+        G.gemm(torch.randn(4, 32), w)  # dtypes differ
+    with pytest.raises(ValueError):
+        G.gemm(torch.randn(4, 31).half(), w)  # K differs
+    with pytest.raises(ValueError):
+        G.gemm(torch.randn(4, 32).half(), torch.randn(15, 32).half(), glu=True)  # odd [gate | up]
+    with pytest.raises(ValueError):
+        G.gemm(torch.randn(4, 32).half(), w, out=torch.empty(4, 15).half())
+    x = torch.randn(4, 16).half()
+    with pytest.raises(ValueError):
+        G.gemm(x, torch.randn(16, 16).half(), residual=x, out=x)  # out aliases an input
+
+
+AOT_SCRIPT = """
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from eomt_fast.aot import all_specs, compile_spec
+
+NAMES = ("gemm", "layernorm", "out_projection", "mask_head")
+
+
+def compile_one(index):
+    return compile_spec(all_specs()[index], 90).line()
+
+
+if __name__ == "__main__":
+    indices = [i for i, spec in enumerate(all_specs()) if spec.name.startswith(NAMES)]
+    assert indices
+    with ProcessPoolExecutor(max_workers=int(sys.argv[1])) as pool:
+        for line in pool.map(compile_one, indices):
+            print(line)
+"""
+
+
+def test_aot_specs_compile_for_sm90(tmp_path):
+    """Every AOT spec of the GEMM ops compiles for sm_90: wgmma where needed, no spills. In a subprocess:
+    under TRITON_INTERPRET the kernels are interpreter functions, not compilable ones."""
+    script = tmp_path / "aot_sm90.py"
+    script.write_text(AOT_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    workers = str(max(1, min(4, os.cpu_count() or 1)))
+    result = subprocess.run([sys.executable, str(script), workers], capture_output=True, text=True, env=env,
+                            timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    bad = [line for line in lines if not line.rstrip().endswith(" ok")]
+    assert not bad, "\n".join(bad)
+    assert sum("wgmma yes" in line for line in lines) >= 40, "the 16-bit GEMMs must use wgmma"
+
+
+# ---- GPU: EoMT-L shapes, every autotune configuration ---------------------------------------------
+
+GPU_DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+REAL_CASES = [  # (M, K, N, flags): QKV, out-projection, fc1, fc2, SwiGLU fc1 of EoMT-L/g at batch 1 and 8
+    *((1805, 1024, 3072, dict(ln=mode)) for mode in G.LN_MODES),
+    (1805, 1024, 1024, dict(scale=True, residual=True)),
+    *((8 * 1805, 1024, 4096, dict(activation="gelu", ln=mode)) for mode in G.LN_MODES),
+    (8 * 1805, 4096, 1024, dict(scale=True, residual=True)),
+    *((1805, 1536, 4096, dict(glu=True, activation="silu", ln=mode)) for mode in G.LN_MODES),
+    (200, 1024, 1024, dict(activation="gelu")),  # the mask head at batch 1
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("case", REAL_CASES, ids=case_id)
+def test_gemm_real_shapes_gpu(case, dtype):
+    m, k, n, flags = case
+    check_gemm(m, k, n, dtype, {"bias": True, **flags}, device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("split_k", [2, 4])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=DTYPE_IDS.get)
+def test_gemm_split_k_gpu(dtype, split_k):
+    check_gemm(1805, 4096, 1024, dtype, dict(bias=True, scale=True, residual=True), device="cuda", split_k=split_k)
+    check_gemm(200, 1024, 1024, dtype, dict(bias=True, glu=True, activation="silu"), device="cuda", split_k=split_k)
+
+
+def _config_cases():
+    cases = []
+    for glu in (False, True):
+        for prologue in (False, True):
+            for fp32 in (False, True):
+                for c in G.gemm_configs(glu, prologue, fp32):
+                    flags = f"{'fp32' if fp32 else 'bf16'}{'-glu' if glu else ''}{'-prologue' if prologue else ''}"
+                    tile = f"{c.block_m}x{c.block_n}x{c.block_k}-w{c.num_warps}s{c.num_stages}-sub{c.epilogue_subtiles}"
+                    label = f"{flags}-{tile}"
+                    cases.append(pytest.param(glu, prologue, fp32, c, id=label))
+    return cases
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("glu,prologue,fp32,config", _config_cases())
+def test_every_autotune_config_gpu(glu, prologue, fp32, config):
+    """Each entry of the autotune lists computes the right thing (the autotuner may pick any), at N not a
+    multiple of the tile and an M of EoMT-L at batch 1."""
+    flags = dict(bias=True, ln="prologue" if prologue else False, scale=True, residual=True)
+    if glu:
+        flags.update(glu=True, activation="silu")
+    dtype = torch.float32 if fp32 else torch.bfloat16
+    check_gemm(1805, 1024, 1000 if glu else 1040, dtype, flags, device="cuda", config=config)

@@ -1,0 +1,157 @@
+"""The Triton LayerNorm-MLP sublayers (GELU and SwiGLU) against their references in float64.
+
+Without CUDA the kernels run in Triton's interpreter (fp32 and fp16) at small hidden sizes and awkward
+token counts; the ``gpu`` tests use EoMT-L/g shapes in bf16, fp16 and fp32. Every launch writes into a
+NaN-poisoned output. Error bound: ours <= 2 x PyTorch's own error in the same dtype + a tiny floor.
+"""
+
+import pytest
+import torch
+
+from eomt_fast.kernels import gemm
+from eomt_fast.kernels.layernorm_mlp import (
+    TRITON_OPS,
+    layernorm_mlp,
+    layernorm_mlp_forward,
+    layernorm_mlp_ref,
+    layernorm_swiglu,
+    layernorm_swiglu_forward,
+    layernorm_swiglu_ref,
+)
+from tests.conftest import poison_
+
+DTYPE_IDS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+FLOOR = {torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}  # x max |exact|
+
+
+def swiglu_hidden(c: int, mlp_ratio: float = 4.0) -> int:
+    return (int(int(c * mlp_ratio) * 2 / 3) + 7) // 8 * 8
+
+
+def make_inputs(tokens: int, c: int, swiglu: bool, dtype, device="cpu", seed=0, batch=None):
+    """Arguments of the op: x (batch, tokens, C) or (tokens, C), LN, fc1, fc2 and LayerScale parameters."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, std=1.0, mean=0.0):
+        return (torch.randn(*shape, generator=g) * std + mean).to(device=device, dtype=dtype)
+
+    hidden = swiglu_hidden(c) if swiglu else 4 * c
+    rows = 2 * hidden if swiglu else hidden
+    x = rnd(*((batch,) if batch else ()), tokens, c, mean=0.5)
+    return (x, rnd(c, std=0.1, mean=1.0), rnd(c, std=0.1), 1e-6,
+            rnd(rows, c, std=c**-0.5), rnd(rows, std=0.1), rnd(c, hidden, std=hidden**-0.5), rnd(c, std=0.1),
+            rnd(c, std=0.1, mean=0.5))
+
+
+def upcast(args):
+    return tuple(a.double() if torch.is_tensor(a) else a for a in args)
+
+
+def assert_close(ours, theirs, exact):
+    assert ours.shape == exact.shape and ours.dtype == theirs.dtype
+    assert torch.isfinite(ours).all(), "non-finite output (an element left unwritten?)"
+    ours_err = (ours.double() - exact).abs().max().item()
+    theirs_err = (theirs.double() - exact).abs().max().item()
+    floor = FLOOR[ours.dtype] * exact.abs().max().item()
+    assert ours_err <= 2 * theirs_err + floor, f"error {ours_err:.3g} > 2 x torch's {theirs_err:.3g} + {floor:.3g}"
+
+
+OPS = {"mlp": (layernorm_mlp_forward, layernorm_mlp_ref), "swiglu": (layernorm_swiglu_forward, layernorm_swiglu_ref)}
+
+# (tokens, C): 1 token; 7; 130 and 600 (not multiples of the tile; 600 crosses GROUP_M groups); the
+# SwiGLU widths 88 / 128 / 176 / 1024 for C 32 / 48 / 64 / 384 are not multiples of the tile either.
+SHAPES = [(1, 32), (7, 48), (130, 64), (600, 48), (7, 384)]
+
+
+@pytest.mark.parametrize("ln_mode", gemm.LN_MODES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"M{s[0]}-C{s[1]}")
+@pytest.mark.parametrize("op", OPS)
+def test_layernorm_mlp_matches_reference(op, shape, dtype, ln_mode):
+    forward, ref = OPS[op]
+    args = make_inputs(*shape, swiglu=op == "swiglu", dtype=dtype)
+    out = poison_(torch.empty_like(args[0]))
+    assert forward(*args, out=out, ln_mode=ln_mode) is out
+    assert_close(out, ref(*args), ref(*upcast(args)))
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_layernorm_mlp_batched_split_k(op):
+    """(batch, tokens, C) input, fc2 split over K in two, and the fixed-tile path."""
+    forward, ref = OPS[op]
+    args = make_inputs(37, 48, swiglu=op == "swiglu", dtype=torch.float16, batch=3, seed=5)
+    out = poison_(torch.empty_like(args[0]))
+    forward(*args, out=out, split_k=2)
+    assert_close(out, ref(*args), ref(*upcast(args)))
+    out = poison_(torch.empty_like(args[0]))
+    forward(*args, out=out, config=gemm.GemmConfig(32, 32, 32, 2, 4, 1, 1))
+    assert_close(out, ref(*args), ref(*upcast(args)))
+
+
+@pytest.mark.parametrize("name", ["layernorm_mlp", "layernorm_swiglu"])
+def test_registered_op(name):
+    """torch.library.opcheck (schema, fake tensor, dispatch) and the TRITON_OPS entry."""
+    op = TRITON_OPS[name]
+    assert op is {"layernorm_mlp": layernorm_mlp, "layernorm_swiglu": layernorm_swiglu}[name]
+    args = make_inputs(5, 32, swiglu=name == "layernorm_swiglu", dtype=torch.float32, batch=2)
+    torch.library.opcheck(op, args)
+    ref = layernorm_swiglu_ref if name == "layernorm_swiglu" else layernorm_mlp_ref
+    assert_close(op(*args), ref(*args), ref(*upcast(args)))
+
+
+def test_compiles_fullgraph():
+    """The ops trace into one torch.compile graph (their fake implementations give the shapes)."""
+    args = make_inputs(7, 32, swiglu=False, dtype=torch.float32, batch=2)
+    swiglu_args = make_inputs(7, 32, swiglu=True, dtype=torch.float32, batch=2, seed=1)
+
+    def sublayers(mlp_args, swiglu_args):
+        return layernorm_mlp(*mlp_args) + layernorm_swiglu(*swiglu_args)
+
+    compiled = torch.compile(sublayers, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(args, swiglu_args), sublayers(args, swiglu_args), rtol=0, atol=0)
+
+
+def test_rejects_mismatched_dtypes():
+    args = list(make_inputs(3, 32, swiglu=False, dtype=torch.float16))
+    args[4] = args[4].float()
+    with pytest.raises(TypeError):
+        layernorm_mlp_forward(*args)
+
+
+# ---- GPU: EoMT-L (C 1024, MLP 4096) and EoMT-g SwiGLU (C 1536, hidden 4096) ----------------------------
+
+GPU_SHAPES = [(1, 1805, 1024), (8, 1805, 1024), (1, 1805, 1536), (2, 1605, 1536)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("ln_mode", gemm.LN_MODES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: f"B{s[0]}-S{s[1]}-C{s[2]}")
+@pytest.mark.parametrize("op", OPS)
+def test_layernorm_mlp_real_shapes_gpu(op, shape, dtype, ln_mode):
+    batch, tokens, c = shape
+    if (op == "swiglu") != (c == 1536):
+        pytest.skip("GELU MLP at C 1024 (EoMT-L), SwiGLU at C 1536 (EoMT-g)")
+    forward, ref = OPS[op]
+    args = make_inputs(tokens, c, swiglu=op == "swiglu", dtype=dtype, device="cuda", batch=batch)
+    out = poison_(torch.empty_like(args[0]))
+    forward(*args, out=out, ln_mode=ln_mode)
+    assert_close(out, ref(*args), ref(*upcast(args)))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("op", OPS)
+def test_cuda_graph_and_inductor_gpu(op):
+    """torch.compile(fullgraph, inductor) around the op, then the op replayed from a CUDA graph."""
+    forward, ref = OPS[op]
+    name = "layernorm_swiglu" if op == "swiglu" else "layernorm_mlp"
+    args = make_inputs(1805, 1024, swiglu=op == "swiglu", dtype=torch.bfloat16, device="cuda")
+    compiled = torch.compile(TRITON_OPS[name], fullgraph=True)
+    expected = TRITON_OPS[name](*args)  # warms up the autotuner before any capture
+    torch.testing.assert_close(compiled(*args), expected, rtol=0, atol=0)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = TRITON_OPS[name](*args)
+    args[0].copy_(torch.randn_like(args[0]))
+    graph.replay()
+    assert_close(captured, ref(*args), ref(*upcast(args)))

@@ -1,0 +1,145 @@
+"""The Triton projection ops of kernels/linear.py (LN1 + QKV, out-projection + LayerScale + residual, mask
+head) against their references in float64.
+
+Without CUDA the kernels run in Triton's interpreter (fp32 and fp16) at small hidden sizes and awkward
+token counts; the ``gpu`` tests use EoMT-L shapes in bf16, fp16 and fp32. Every launch writes into a
+NaN-poisoned output. Error bound: ours <= 2 x PyTorch's own error in the same dtype + a tiny floor.
+"""
+
+import pytest
+import torch
+
+from eomt_fast.kernels import gemm
+from eomt_fast.kernels.linear import (
+    TRITON_OPS,
+    layernorm_linear_forward,
+    layernorm_linear_ref,
+    linear_residual_forward,
+    linear_residual_ref,
+    mask_head_forward,
+    mask_head_ref,
+)
+from tests.conftest import poison_
+
+DTYPE_IDS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+FLOOR = {torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}  # x max |exact|
+
+
+def make_inputs(op: str, tokens: int, c: int, dtype, device="cpu", seed=0, batch=None, bias=True):
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, std=1.0, mean=0.0):
+        return (torch.randn(*shape, generator=g) * std + mean).to(device=device, dtype=dtype)
+
+    x = rnd(*((batch,) if batch else ()), tokens, c, mean=0.5)
+    if op == "layernorm_qkv":
+        return (x, rnd(c, std=0.1, mean=1.0), rnd(c, std=0.1), 1e-6, rnd(3 * c, c, std=c**-0.5),
+                rnd(3 * c, std=0.1) if bias else None)
+    if op == "out_projection":
+        return (x, rnd(c, c, std=c**-0.5), rnd(c, std=0.1) if bias else None, rnd(c, std=0.1, mean=0.5),
+                rnd(*x.shape))
+    return (x, *(t for _ in range(3) for t in (rnd(c, c, std=c**-0.5), rnd(c, std=0.1))))
+
+
+def upcast(args):
+    return tuple(a.double() if torch.is_tensor(a) else a for a in args)
+
+
+def assert_close(ours, theirs, exact):
+    assert ours.shape == exact.shape and ours.dtype == theirs.dtype
+    assert torch.isfinite(ours).all(), "non-finite output (an element left unwritten?)"
+    ours_err = (ours.double() - exact).abs().max().item()
+    theirs_err = (theirs.double() - exact).abs().max().item()
+    floor = FLOOR[ours.dtype] * exact.abs().max().item()
+    assert ours_err <= 2 * theirs_err + floor, f"error {ours_err:.3g} > 2 x torch's {theirs_err:.3g} + {floor:.3g}"
+
+
+OPS = {
+    "layernorm_qkv": (layernorm_linear_forward, layernorm_linear_ref),
+    "out_projection": (linear_residual_forward, linear_residual_ref),
+    "mask_head": (mask_head_forward, mask_head_ref),
+}
+OUT_FEATURES = {"layernorm_qkv": 3, "out_projection": 1, "mask_head": 1}  # x C
+
+# (tokens, C): 1 token; 7; 130 and 600 (not multiples of the tile; 600 crosses GROUP_M groups); C = 384.
+SHAPES = [(1, 32), (7, 48), (130, 64), (600, 48), (7, 384)]
+
+
+def run(op, args, **options):
+    forward, ref = OPS[op]
+    x = args[0]
+    out = poison_(x.new_empty(*x.shape[:-1], OUT_FEATURES[op] * x.shape[-1]))
+    assert forward(*args, out=out, **options) is out
+    assert_close(out, ref(*args), ref(*upcast(args)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"M{s[0]}-C{s[1]}")
+@pytest.mark.parametrize("op", OPS)
+def test_matches_reference(op, shape, dtype):
+    run(op, make_inputs(op, *shape, dtype=dtype))
+
+
+@pytest.mark.parametrize("ln_mode", gemm.LN_MODES)
+def test_layernorm_qkv_ln_modes_without_bias(ln_mode):
+    run("layernorm_qkv", make_inputs("layernorm_qkv", 130, 48, torch.float16, batch=2, bias=False), ln_mode=ln_mode)
+
+
+@pytest.mark.parametrize("op", ["out_projection", "mask_head"])
+def test_split_k(op):
+    run(op, make_inputs(op, 37, 96, torch.float16, batch=3, bias=op == "mask_head"), split_k=2)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_registered_op(op):
+    """torch.library.opcheck (schema, fake tensor, dispatch), and one torch.compile(fullgraph) graph."""
+    args = make_inputs(op, 5, 32, torch.float32, batch=2)
+    torch.library.opcheck(TRITON_OPS[op], args)
+    compiled = torch.compile(TRITON_OPS[op], fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(*args), TRITON_OPS[op](*args), rtol=0, atol=0)
+    if op != "mask_head":  # bias is optional in the schema
+        args = make_inputs(op, 5, 32, torch.float32, batch=2, bias=False)
+        torch.library.opcheck(TRITON_OPS[op], args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("swiglu", [False, True], ids=["gelu_mlp", "swiglu"])
+def test_encoder_layer_with_triton_ops(swiglu, dtype):
+    """A whole EoMT encoder layer of the model, with the Triton ops of this file and layernorm_mlp.py in
+    place of their references (attention stays the reference), against the layer in float64."""
+    from eomt_fast import EomtFastForUniversalSegmentation, dispatch, kernels
+    from eomt_fast.config import EomtFastConfig
+    from eomt_fast.kernels import layernorm_mlp
+
+    config = EomtFastConfig(hidden_size=48, num_attention_heads=3, num_hidden_layers=1, image_size=32, patch_size=8,
+                            num_blocks=1, use_swiglu_ffn=swiglu)
+    torch.manual_seed(0)
+    model = EomtFastForUniversalSegmentation(config)
+    references = {op: getattr(kernels, ref) for op, (ref, _) in dispatch.OPS.items()}
+    triton_ops = {**references, **TRITON_OPS, **layernorm_mlp.TRITON_OPS}
+    x = torch.randn(2, 21, 48)
+    exact = model.double().layers[0](x.double(), None, 0, references)
+    layer = model.to(dtype).layers[0]
+    assert_close(layer(x.to(dtype), None, 0, triton_ops), layer(x.to(dtype), None, 0, references), exact)
+
+
+# ---- GPU: EoMT-L (C 1024) at batch 1 and 8 ---------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("batch", [1, 8], ids=lambda b: f"B{b}")
+@pytest.mark.parametrize("op", OPS)
+def test_real_shapes_gpu(op, batch, dtype):
+    tokens = 200 if op == "mask_head" else 1805  # the mask head runs on the query tokens
+    modes = gemm.LN_MODES if op == "layernorm_qkv" else (None,)
+    for ln_mode in modes:
+        options = {"ln_mode": ln_mode} if ln_mode else {}
+        run(op, make_inputs(op, tokens, 1024, dtype, device="cuda", batch=batch), **options)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("op", ["out_projection", "mask_head"])
+def test_split_k_gpu(op):
+    tokens = 200 if op == "mask_head" else 1805
+    for split_k in (2, 4):
+        run(op, make_inputs(op, tokens, 1024, torch.bfloat16, device="cuda"), split_k=split_k)
