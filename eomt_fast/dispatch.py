@@ -52,6 +52,18 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def config_limit(op: str, config) -> str | None:
+    """Why the Triton kernel of ``op`` cannot run this model config (None: it can)."""
+    if config is None:
+        return None
+    if op == "attention":
+        from .kernels.attention import MAX_HEAD_DIM
+
+        if config.head_dim > MAX_HEAD_DIM:
+            return f"head_dim {config.head_dim} > {MAX_HEAD_DIM}, the attention kernel's limit"
+    return None
+
+
 @dataclass(frozen=True)
 class OpPath:
     op: str
@@ -59,8 +71,8 @@ class OpPath:
     reason: str
 
 
-def check_backend(backend: str, device: torch.device) -> None:
-    """Raise a clear error when ``backend`` cannot run on ``device``."""
+def check_backend(backend: str, device: torch.device, config=None) -> None:
+    """Raise a clear error when ``backend`` cannot run on ``device`` (and the model ``config``, if given)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
     if backend != "triton":
@@ -73,11 +85,14 @@ def check_backend(backend: str, device: torch.device) -> None:
     missing = [op for op in OPS if op not in triton_ops()]
     if missing:
         raise NotImplementedError(f"backend='triton': no Triton kernel yet for {', '.join(missing)}; use backend='auto'")
+    limits = [f"{op}: {why}" for op in OPS if (why := config_limit(op, config))]
+    if limits:
+        raise NotImplementedError(f"backend='triton' cannot run this model ({'; '.join(limits)}); use backend='auto'")
 
 
-def plan(backend: str, device: torch.device, dtype: torch.dtype = torch.float32) -> list[OpPath]:
-    """The implementation of every op for this backend, device and dtype, with the reason."""
-    check_backend(backend, device)
+def plan(backend: str, device: torch.device, dtype: torch.dtype = torch.float32, config=None) -> list[OpPath]:
+    """The implementation of every op for this backend, device, dtype (and model config), with the reason."""
+    check_backend(backend, device, config)
     available = triton_ops()
     paths = []
     for op in OPS:
@@ -92,15 +107,17 @@ def plan(backend: str, device: torch.device, dtype: torch.dtype = torch.float32)
             paths.append(OpPath(op, "torch", f"{dtype}: the Triton kernels take fp16, bf16 and fp32"))
         elif op not in available:
             paths.append(OpPath(op, "torch", "no Triton kernel for this op yet"))
+        elif why := config_limit(op, config):
+            paths.append(OpPath(op, "torch", why))
         else:
             paths.append(OpPath(op, "triton", "CUDA device and a Triton kernel"))
     return paths
 
 
-def resolve(backend: str, device: torch.device, dtype: torch.dtype) -> dict[str, Callable]:
+def resolve(backend: str, device: torch.device, dtype: torch.dtype, config=None) -> dict[str, Callable]:
     """op name -> the function the model calls for it."""
     available = triton_ops()
     return {
         path.op: available[path.op] if path.impl == "triton" else getattr(kernels, OPS[path.op][0])
-        for path in plan(backend, device, dtype)
+        for path in plan(backend, device, dtype, config)
     }

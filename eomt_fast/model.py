@@ -218,7 +218,7 @@ class EomtFastForUniversalSegmentation(nn.Module):
             stored = {t.dtype for k, t in weights.items() if k != "attn_mask_probs" and t.is_floating_point()}
             dtype = stored.pop() if len(stored) == 1 else torch.float32
         device = torch.device(device) if device is not None else torch.device("cpu")
-        dispatch.check_backend(backend, device)
+        dispatch.check_backend(backend, device, config)
         with torch.device("meta"):
             model = cls(config, backend=backend)
         model.to_empty(device=device).to(dtype)
@@ -258,13 +258,13 @@ class EomtFastForUniversalSegmentation(nn.Module):
 
     def op_paths(self) -> list[dispatch.OpPath]:
         """Which implementation each op runs for this model's backend, device and dtype, and why."""
-        return dispatch.plan(self.backend, self.device, self.dtype)
+        return dispatch.plan(self.backend, self.device, self.dtype, self.config)
 
     def ops(self) -> Ops:
         """op name -> implementation, resolved again only when backend, device or dtype change."""
         key = (self.backend, self.device, self.dtype)
         if key != self._ops_key:
-            self._ops = dispatch.resolve(*key)
+            self._ops = dispatch.resolve(*key, self.config)
             self._ops_key = key
         return self._ops
 

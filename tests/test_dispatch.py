@@ -1,0 +1,46 @@
+"""dispatch: which implementation every op runs, and why."""
+
+import pytest
+import torch
+
+from eomt_fast import EomtFastConfig, dispatch
+from eomt_fast.kernels import attention_ref
+
+CUDA = torch.device("cuda")  # plan() only reasons about the device; nothing runs on it here
+
+
+def paths(*args, **kwargs):
+    return {p.op: p for p in dispatch.plan(*args, **kwargs)}
+
+
+def test_cpu_runs_every_reference():
+    for path in dispatch.plan("auto", torch.device("cpu"), torch.float32):
+        assert path.impl == "torch" and "CUDA only" in path.reason
+
+
+def test_cuda_uses_every_registered_kernel():
+    available = dispatch.triton_ops()
+    assert "attention" in available and "layernorm_mlp" in available
+    for op, path in paths("auto", CUDA, torch.bfloat16).items():
+        assert path.impl == ("triton" if op in available else "torch"), (op, path)
+
+
+def test_float64_stays_on_the_references():
+    assert all(p.impl == "torch" and "float64" in p.reason for p in dispatch.plan("auto", CUDA, torch.float64))
+
+
+def test_backend_torch_is_always_the_reference():
+    assert all(p.impl == "torch" for p in dispatch.plan("torch", CUDA, torch.bfloat16))
+
+
+def test_attention_kernel_limit_sends_large_heads_to_the_reference():
+    config = EomtFastConfig(hidden_size=640, num_attention_heads=4)  # head_dim 160
+    got = paths("auto", CUDA, torch.bfloat16, config)["attention"]
+    assert got.impl == "torch" and "head_dim 160 > 128" in got.reason
+    ops = dispatch.resolve("auto", CUDA, torch.bfloat16, config)
+    assert ops["attention"] is attention_ref
+
+
+def test_unknown_backend():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        dispatch.plan("fast", CUDA)
