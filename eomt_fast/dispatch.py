@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from . import kernels
+from .kernels._triton import HAS_TRITON
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -38,7 +39,9 @@ TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def triton_ops() -> dict[str, Callable]:
-    """op name -> Triton implementation, from the ``TRITON_OPS`` of every kernel module."""
+    """op name -> Triton implementation, from the ``TRITON_OPS`` of every kernel module (none without Triton)."""
+    if not HAS_TRITON:
+        return {}
     found: dict[str, Callable] = {}
     for name in KERNEL_MODULES:
         found.update(getattr(importlib.import_module(f"eomt_fast.kernels.{name}"), "TRITON_OPS", {}))
@@ -77,6 +80,9 @@ def check_backend(backend: str, device: torch.device, config=None) -> None:
         raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
     if backend != "triton":
         return
+    if not HAS_TRITON:
+        raise RuntimeError("backend='triton' needs Triton, which is not installed (pip install triton); "
+                           "use backend='auto' or 'torch'")
     if device.type != "cuda" and not triton_interpreting():
         raise RuntimeError(
             f"backend='triton' needs a CUDA device (the model is on {device}); on a CPU the kernels run only "

@@ -12,8 +12,7 @@ import os
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
+from ._triton import tl, triton  # Triton, or a stand-in where it is not installed
 
 
 def expand_query_patch_mask(query_patch_mask: torch.Tensor, seq_len: int, patch_start: int) -> torch.Tensor:

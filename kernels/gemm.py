@@ -55,8 +55,7 @@ import os
 from dataclasses import dataclass
 
 import torch
-import triton
-import triton.language as tl
+from ._triton import tl, triton  # Triton, or a stand-in where it is not installed
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 

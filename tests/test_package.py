@@ -65,3 +65,28 @@ def test_built_wheel_has_no_top_level_kernels(tmp_path):
 
 def test_version_is_exposed():
     assert eomt_fast.__version__
+
+
+def test_works_without_triton():
+    """Where Triton is not installed (macOS, Windows) the package imports and runs the references."""
+    code = (
+        "import sys; sys.modules['triton'] = None; sys.modules['triton.language'] = None\n"
+        "import torch\n"
+        "from eomt_fast import EomtFastConfig, EomtFastForUniversalSegmentation, dispatch\n"
+        "from eomt_fast.kernels._triton import HAS_TRITON\n"
+        "assert not HAS_TRITON and dispatch.triton_ops() == {}\n"
+        "cfg = EomtFastConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=32,\n"
+        "                     patch_size=8, num_queries=3, num_blocks=1)\n"
+        "out = EomtFastForUniversalSegmentation(cfg)(torch.randn(1, 3, 32, 32))\n"
+        "assert torch.isfinite(out.masks_queries_logits).all()\n"
+        "try:\n"
+        "    EomtFastForUniversalSegmentation(cfg, backend='triton')(torch.randn(1, 3, 32, 32))\n"
+        "except RuntimeError as e:\n"
+        "    assert 'Triton, which is not installed' in str(e), e\n"
+        "else:\n"
+        "    raise AssertionError('backend=triton ran without Triton')\n"
+        "print('ok')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stdout + result.stderr

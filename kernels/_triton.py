@@ -1,0 +1,48 @@
+"""Triton, or a stand-in where it is not installed (macOS, Windows, CPU-only installs without it).
+
+Kernel files import ``triton`` and ``tl`` from here. Without Triton the stand-in absorbs the module-level
+uses (``@triton.jit``, ``triton.autotune(...)``, ``triton.Config(...)``, ``tl.constexpr`` annotations) so
+that the plain-PyTorch references in the same files still import and run; calling a kernel then
+raises an error that says Triton is missing. ``dispatch`` never picks a kernel when ``HAS_TRITON`` is False.
+"""
+
+from __future__ import annotations
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - exercised by tests/test_package.py in a subprocess
+    HAS_TRITON = False
+
+    class _Missing:
+        """Any attribute, call or decoration of Triton: more of itself; a decorated function raises."""
+
+        def __init__(self, name: str) -> None:
+            self._name = name
+
+        def __getattr__(self, attr: str) -> _Missing:
+            if attr.startswith("__"):
+                raise AttributeError(attr)
+            return _Missing(f"{self._name}.{attr}")
+
+        def __call__(self, *args, **kwargs):
+            if len(args) == 1 and not kwargs and callable(args[0]) and not isinstance(args[0], _Missing):
+                return _Missing(f"{self._name}({getattr(args[0], '__name__', 'kernel')})")
+            if args and isinstance(args[0], _Missing) and len(args) == 1 and not kwargs:
+                return args[0]
+            if self._name.endswith(")"):
+                raise RuntimeError(f"{self._name} needs Triton, which is not installed (pip install triton)")
+            return _Missing(f"{self._name}(...)")
+
+        def __getitem__(self, item) -> _Missing:
+            return self
+
+        def __repr__(self) -> str:
+            return f"<missing triton: {self._name}>"
+
+    triton = _Missing("triton")
+    tl = _Missing("triton.language")
+
+__all__ = ["HAS_TRITON", "tl", "triton"]
