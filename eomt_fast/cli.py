@@ -37,17 +37,17 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"model {args.model}: {cfg.hidden_size}d x {cfg.num_hidden_layers} layers, {cfg.num_attention_heads} "
               f"heads, {cfg.num_queries} queries, {cfg.image_size}px, {cfg.num_labels} labels, "
               f"attn_mask_probs {list(model.masking_probs())}")
-        targets = [(model.device, model.dtype, model.backend)]
+        targets = [(model.device, model.dtype, model.backend, model.config)]
     else:
         dtype = args.dtype or "bfloat16"
         devices = [args.device] if args.device else ["cpu"] + (["cuda"] if cuda else [])
         from .model import parse_dtype
 
-        targets = [(torch.device(d), parse_dtype(dtype), args.backend) for d in devices]
-    for device, dtype, backend in targets:
+        targets = [(torch.device(d), parse_dtype(dtype), args.backend, None) for d in devices]
+    for device, dtype, backend, config in targets:
         print(f"ops on {device}, {str(dtype).removeprefix('torch.')}, backend={backend!r}:")
         try:
-            paths = dispatch.plan(backend, device, dtype)
+            paths = dispatch.plan(backend, device, dtype, config)
         except (RuntimeError, NotImplementedError) as exc:
             print(f"  unavailable: {exc}")
             continue
@@ -99,6 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--arch", type=int, nargs="+", default=[80, 90])
     check.add_argument("--filter", default=None, help="only kernels whose name contains this")
     check.set_defaults(func=cmd_check_kernels)
+
+    from . import segment  # the segment subcommand: eomt_fast/segment.py
+
+    segment_parser = sub.add_parser("segment", help="segment image files: label PNG, overlay PNG and JSON per image")
+    segment.add_arguments(segment_parser)
+    segment_parser.set_defaults(func=segment.run)
     return parser
 
 
