@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --upgrade pip "setuptools>=68" wheel
 	# torch==2.13.0 is the CPU build on these machines; the package itself accepts torch>=2.4
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q --no-build-isolation -e ".[test,hf,bench]"
+	$(BIN)/python -m pip install -q --no-build-isolation -e ".[test,hf,bench,images]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -3,6 +3,7 @@
 from .config import ConfigError, EomtFastConfig
 from .checkpoint import CheckpointError
 from .model import EomtFastForUniversalSegmentation, EomtFastOutput
+from .processing import EomtFastImageProcessor
 
 __version__ = "0.1.0"
 
@@ -11,6 +12,7 @@ __all__ = [
     "ConfigError",
     "EomtFastConfig",
     "EomtFastForUniversalSegmentation",
+    "EomtFastImageProcessor",
     "EomtFastOutput",
     "__version__",
 ]

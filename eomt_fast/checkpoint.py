@@ -23,6 +23,7 @@ CONFIG_NAME = "config.json"
 SAFETENSORS_NAME = "model.safetensors"
 SAFETENSORS_INDEX_NAME = "model.safetensors.index.json"
 PYTORCH_BIN_NAME = "pytorch_model.bin"
+PREPROCESSOR_CONFIG_NAME = "preprocessor_config.json"  # the image processor's settings (eomt_fast.processing)
 IGNORED_KEYS = ("criterion.empty_weight",)  # the training loss' class weights
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -245,7 +246,8 @@ def resolve_directory(path_or_hub_id: str | os.PathLike) -> Path:
     try:
         local = huggingface_hub.snapshot_download(
             repo_id=name,
-            allow_patterns=[CONFIG_NAME, "*.safetensors", SAFETENSORS_INDEX_NAME, PYTORCH_BIN_NAME],
+            allow_patterns=[CONFIG_NAME, PREPROCESSOR_CONFIG_NAME, "*.safetensors", SAFETENSORS_INDEX_NAME,
+                            PYTORCH_BIN_NAME],
         )
     except Exception as exc:  # offline, unknown repo, gated, ...: one clear message
         raise OSError(
