@@ -8,30 +8,34 @@ One file per fused op; each file starts with its ``*_ref`` function, the plain-P
 that is both the CPU fallback of the model and the reference its Triton kernel is tested against.
 """
 
-if __name__ != "eomt_fast.kernels":  # e.g. `import kernels` from a checkout's root directory
-    raise ImportError(
-        f"this directory is the package 'eomt_fast.kernels' and cannot be imported as {__name__!r}; "
-        "install eomt_fast (pip install -e .) and import eomt_fast.kernels"
-    )
+if __name__ != "eomt_fast.kernels":
+    # Imported as a top-level `kernels`: Python put a checkout's root on sys.path (`python -m ...` or
+    # `python -c ...` run from the root), and transformers probes for the Hugging Face `kernels` package
+    # by importing it. Raising here would crash `import transformers`; instead this module stays an empty
+    # stray directory with no version and no file, which transformers reports as "kernels not available".
+    # None of eomt_fast's code is reachable under this name.
+    __file__ = None
+    __path__ = []
+    __all__ = []
+else:
+    from .attention import attention_ref, expand_query_patch_mask
+    from .layernorm_mlp import layernorm_mlp_ref, layernorm_swiglu_ref
+    from .linear import gelu_ref, layernorm_linear_ref, linear_residual_ref, mask_head_ref
+    from .mask_logits import grid_attention_mask_ref, mask_logits_ref
+    from .patch_embed import patch_embed_ref
+    from .upscale import upscale_block_ref
 
-from .attention import attention_ref, expand_query_patch_mask
-from .layernorm_mlp import layernorm_mlp_ref, layernorm_swiglu_ref
-from .linear import gelu_ref, layernorm_linear_ref, linear_residual_ref, mask_head_ref
-from .mask_logits import grid_attention_mask_ref, mask_logits_ref
-from .patch_embed import patch_embed_ref
-from .upscale import upscale_block_ref
-
-__all__ = [
-    "attention_ref",
-    "expand_query_patch_mask",
-    "gelu_ref",
-    "grid_attention_mask_ref",
-    "layernorm_linear_ref",
-    "layernorm_mlp_ref",
-    "layernorm_swiglu_ref",
-    "linear_residual_ref",
-    "mask_head_ref",
-    "mask_logits_ref",
-    "patch_embed_ref",
-    "upscale_block_ref",
-]
+    __all__ = [
+        "attention_ref",
+        "expand_query_patch_mask",
+        "gelu_ref",
+        "grid_attention_mask_ref",
+        "layernorm_linear_ref",
+        "layernorm_mlp_ref",
+        "layernorm_swiglu_ref",
+        "linear_residual_ref",
+        "mask_head_ref",
+        "mask_logits_ref",
+        "patch_embed_ref",
+        "upscale_block_ref",
+    ]
