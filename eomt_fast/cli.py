@@ -100,6 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--filter", default=None, help="only kernels whose name contains this")
     check.set_defaults(func=cmd_check_kernels)
 
+    from . import bench  # the bench subcommand: eomt_fast/bench.py
+
+    bench_parser = sub.add_parser("bench", help="time the network forward against transformers")
+    bench.add_arguments(bench_parser)
+    bench_parser.set_defaults(func=bench.run)
+
     from . import segment  # the segment subcommand: eomt_fast/segment.py
 
     segment_parser = sub.add_parser("segment", help="segment image files: label PNG, overlay PNG and JSON per image")
