@@ -1,0 +1,208 @@
+"""The Triton upscale block of kernels/upscale.py (ConvTranspose 2x2 + GELU GEMM, depthwise 3x3 + LayerNorm)
+against upscale_block_ref in float64.
+
+Without CUDA the kernels run in Triton's interpreter (fp32 and fp16) at small, awkward shapes; the ``gpu``
+tests use EoMT-L/640 (C 1024, 40 -> 80 -> 160) and ViT-S/B/g hidden sizes in bf16, fp16 and fp32. Every
+launch writes into a NaN-poisoned output. Error bound: ours <= 2 x PyTorch's own error in the same dtype +
+a tiny floor, both against float64.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from eomt_fast.kernels.upscale import (
+    TRITON_OPS,
+    convt_gelu,
+    dwconv_layernorm,
+    prepare_convt_weight,
+    upscale_block,
+    upscale_block_forward,
+    upscale_block_ref,
+)
+from tests.conftest import poison_
+
+DTYPE_IDS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+FLOOR = {torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}  # x max |exact|
+EPS = 1e-6  # EomtLayerNorm2d's eps
+
+
+def make_weights(channels, dtype, device="cpu", seed=0):
+    """convt_weight (prepared), convt_bias, dw_weight, ln_weight, ln_bias, initialised like the model."""
+    g = torch.Generator().manual_seed(seed)
+
+    def uniform(*shape, bound):
+        return ((torch.rand(*shape, generator=g) * 2 - 1) * bound).to(device=device, dtype=dtype)
+
+    def rnd(*shape, std=1.0, mean=0.0):
+        return (torch.randn(*shape, generator=g) * std + mean).to(device=device, dtype=dtype)
+
+    return (prepare_convt_weight(uniform(channels, channels, 2, 2, bound=channels**-0.5)), rnd(channels, std=0.1),
+            uniform(channels, 1, 3, 3, bound=1 / 3), rnd(channels, std=0.1, mean=1.0), rnd(channels, std=0.1))
+
+
+def make_inputs(batch, height, width, channels, dtype, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed + 100)
+    x = torch.randn(batch, height, width, channels, generator=g).to(device=device, dtype=dtype)
+    return (x, *make_weights(channels, dtype, device, seed), EPS)
+
+
+def upcast(args):
+    return tuple(a.double() if torch.is_tensor(a) else a for a in args)
+
+
+def assert_close(ours, theirs, exact):
+    assert ours.shape == exact.shape and ours.dtype == theirs.dtype
+    assert torch.isfinite(ours).all(), "non-finite output (an element left unwritten?)"
+    ours_err = (ours.double() - exact).abs().max().item()
+    theirs_err = (theirs.double() - exact).abs().max().item()
+    floor = FLOOR[ours.dtype] * exact.abs().max().item()
+    assert ours_err <= 2 * theirs_err + floor, f"error {ours_err:.3g} > 2 x torch's {theirs_err:.3g} + {floor:.3g}"
+
+
+def run(args, **options):
+    x = args[0]
+    batch, height, width, _ = x.shape
+    out = poison_(x.new_empty(batch, 2 * height, 2 * width, args[1].shape[-1]))
+    assert upscale_block_forward(*args, out=out, **options) is out
+    assert_close(out, upscale_block_ref(*args), upscale_block_ref(*upcast(args)))
+
+
+# (B, H, W, C): input pixels and channels of one block
+SHAPES = [
+    (1, 1, 1, 8),  # one input pixel: every 3x3 tap but the centre ones is padding
+    (2, 3, 5, 24),  # C = 24: neither the 4C = 96 GEMM columns nor the channels are a power of 2
+    (1, 4, 4, 64),  # 64 channels, 16 input pixels
+    (2, 5, 3, 8),  # 60 GEMM rows over two images, output rows of 6 pixels (not a multiple of BLOCK_P)
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"B{s[0]}-H{s[1]}-W{s[2]}-C{s[3]}")
+def test_matches_reference(shape, dtype):
+    run(make_inputs(*shape, dtype=dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("channels", [(24, 24), (16, 40)], ids=lambda c: f"Cin{c[0]}-Cout{c[1]}")
+def test_convt_gelu_pixel_scatter(channels, dtype):
+    """The GEMM alone: every one of the 2x2 output pixels of every input pixel written, GELU(ConvT + b); also
+    with C_out != C_in (160 GEMM columns: 2.5 column tiles)."""
+    c_in, c_out = channels
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, 5, c_in, generator=g).to(dtype)
+    weight = prepare_convt_weight(torch.randn(c_in, c_out, 2, 2, generator=g) * c_in**-0.5).to(dtype)
+    bias = (torch.randn(c_out, generator=g) * 0.1).to(dtype)
+    out = poison_(x.new_empty(2, 6, 10, c_out))
+    assert convt_gelu(x, weight, bias, out=out) is out
+
+    def ref(x, w, b):  # the model's nn.ConvTranspose2d weight is (C_in, C_out, 2, 2)
+        return F.gelu(F.conv_transpose2d(x.permute(0, 3, 1, 2), w.permute(0, 3, 1, 2), b, stride=2)).permute(0, 2, 3, 1)
+
+    theirs = ref(x.float(), weight.float(), bias.float()).to(dtype)  # CPU conv_transpose2d: no fp16 kernel
+    assert_close(out, theirs, ref(x.double(), weight.double(), bias.double()))
+
+
+# (B, H, W, C): 7 x 9 with C = 24 (one pixel block per row); 3 x 40 with C = 200 (BLOCK_C 256, so 16-pixel
+# blocks under the interpreter: rows of 40 are two segments of 32 + 8 pixels, the first walked in two blocks)
+@pytest.mark.parametrize("shape", [(2, 7, 9, 24), (1, 3, 40, 200)], ids=lambda s: f"B{s[0]}-H{s[1]}-W{s[2]}-C{s[3]}")
+def test_dwconv_layernorm_alone(shape):
+    """The depthwise + LayerNorm kernel alone, into a NaN-poisoned output."""
+    g = torch.Generator().manual_seed(2)
+    y = torch.randn(*shape, generator=g)
+    _, _, dw, lnw, lnb = make_weights(shape[-1], torch.float32, seed=2)
+    out = poison_(torch.empty_like(y))
+    assert dwconv_layernorm(y, dw, lnw, lnb, EPS, out=out) is out
+
+    def ref(y, dw, lnw, lnb):
+        z = F.conv2d(y.permute(0, 3, 1, 2), dw, padding=1, groups=y.shape[-1]).permute(0, 2, 3, 1)
+        return F.layer_norm(z, (y.shape[-1],), lnw, lnb, EPS)
+
+    assert_close(out, ref(y, dw, lnw, lnb), ref(y.double(), dw.double(), lnw.double(), lnb.double()))
+
+
+def test_patch_tokens_of_token_buffer_in_place():
+    """The model's first block reads the patch tokens of [queries | CLS | registers | patches] viewed as
+    (B, g, g, C): a strided view, no copy."""
+    batch, prefix, grid, channels = 2, 3, 3, 24
+    tokens = torch.randn(batch, prefix + grid * grid, channels).half()
+    x = tokens[:, prefix:].reshape(batch, grid, grid, channels)
+    assert x.data_ptr() == tokens[:, prefix:].data_ptr()  # a view
+    run((x, *make_weights(channels, torch.float16, seed=3), EPS))
+
+
+def test_two_blocks_chained():
+    """num_upscale_blocks = 2 (the default): 3 x 3 -> 6 x 6 -> 12 x 12, each block one op call."""
+    x = torch.randn(1, 3, 3, 24)
+    blocks = [make_weights(24, torch.float32, seed=s) for s in (4, 5)]
+    ours, exact = x, x.double()
+    for weights in blocks:
+        ours = upscale_block_forward(ours, *weights, EPS)
+        exact = upscale_block_ref(exact, *upcast(weights), EPS)
+    theirs = x
+    for weights in blocks:
+        theirs = upscale_block_ref(theirs, *weights, EPS)
+    assert ours.shape == (1, 12, 12, 24)
+    assert_close(ours, theirs, exact)
+
+
+def test_registered_op():
+    from eomt_fast.dispatch import triton_ops
+
+    assert TRITON_OPS["upscale"] is upscale_block and triton_ops()["upscale"] is upscale_block
+    args = make_inputs(2, 2, 3, 16, torch.float32, seed=6)
+    torch.library.opcheck(upscale_block, args)
+    compiled = torch.compile(upscale_block, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(*args), upscale_block(*args), rtol=0, atol=0)
+
+
+def test_invalid_inputs():
+    x, wt, b, dw, lnw, lnb, eps = make_inputs(1, 2, 2, 8, torch.float32)
+    with pytest.raises(ValueError, match="prepared"):
+        upscale_block_forward(x, wt.permute(0, 3, 1, 2), b, dw, lnw, lnb, eps)  # the checkpoint layout
+    with pytest.raises(TypeError):
+        upscale_block_forward(x.half(), wt, b, dw, lnw, lnb, eps)
+    with pytest.raises(ValueError, match="dw_weight"):
+        upscale_block_forward(x, wt, b, dw[:, :, :2], lnw, lnb, eps)
+
+
+AOT_SCRIPT = """
+import dataclasses, json
+from eomt_fast import aot
+from eomt_fast.kernels import upscale
+for spec in upscale.AOT_SPECS:
+    if "fp16" not in spec.name:
+        report = aot.compile_spec(spec, 90)
+        print(json.dumps(dict(dataclasses.asdict(report), ok=report.ok, line=report.line())))
+"""
+
+
+def test_aot_sm90_no_spills_and_wgmma():
+    """Every bf16/fp32 AOT spec compiles for sm_90 without spills, the 16-bit ConvT GEMMs with wgmma. In a
+    subprocess: under TRITON_INTERPRET the kernels are interpreter functions, not compilable ones."""
+    import json
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", AOT_SCRIPT], capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    reports = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    failed = [r["line"] for r in reports if not r["ok"]]
+    assert not failed, "\n".join(failed)
+    convt = [r for r in reports if r["name"].startswith("upscale_convt_gelu_bf16")]
+    assert convt and all(r["wgmma"] for r in convt)
+    assert any(r["name"].startswith("upscale_dwconv_layernorm") for r in reports)
+
+
+# ---- GPU: EoMT-L/640 (C 1024, 40 -> 80 -> 160) and the other hidden sizes --------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("shape", [(1, 40, 40, 1024), (1, 80, 80, 1024), (2, 40, 40, 1024), (1, 40, 40, 384),
+                                   (1, 40, 40, 768), (1, 40, 40, 1536)],
+                         ids=lambda s: f"B{s[0]}-H{s[1]}-C{s[3]}")
+def test_real_shapes_gpu(shape, dtype):
+    run(make_inputs(*shape, dtype=dtype, device="cuda"))
