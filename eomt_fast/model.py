@@ -157,7 +157,7 @@ class EomtFastForUniversalSegmentation(nn.Module):
         self.upscale = nn.ModuleList(UpscaleBlock(config) for _ in range(config.num_upscale_blocks))
         self.register_buffer("attn_mask_probs", torch.ones(config.num_blocks))
         self._probs_key: tuple[int, int, int] | None = None
-        self._probs: tuple[float, ...] = ()
+        self._probs: tuple[float, ...] = (1.0,) * config.num_blocks  # what reset_parameters sets
         self._ops_key: tuple | None = None
         self._ops: Ops = {}
         self.reset_parameters()
@@ -223,6 +223,7 @@ class EomtFastForUniversalSegmentation(nn.Module):
             model = cls(config, backend=backend)
         model.to_empty(device=device).to(dtype)
         model.load_weights(weights)
+        model.ops()  # resolve the ops once at load (a compiled forward uses them as they are)
         return model
 
     @torch.no_grad()
@@ -234,6 +235,7 @@ class EomtFastForUniversalSegmentation(nn.Module):
             raise checkpoint.CheckpointError(f"weights do not match the model: {sorted(set(own) ^ set(weights))}")
         for name, target in own.items():
             target.copy_(weights[name])
+        self.masking_probs()
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
         """Write config.json + model.safetensors that transformers' from_pretrained loads back."""
@@ -261,7 +263,13 @@ class EomtFastForUniversalSegmentation(nn.Module):
         return dispatch.plan(self.backend, self.device, self.dtype, self.config)
 
     def ops(self) -> Ops:
-        """op name -> implementation, resolved again only when backend, device or dtype change."""
+        """op name -> implementation, resolved again only when backend, device or dtype change.
+
+        Under torch.compile the ops resolved by the last eager call (or at load) are used: resolving
+        imports modules, which a compiled graph cannot trace. Call the model once eagerly after moving it
+        to another device or dtype before compiling it."""
+        if torch.compiler.is_compiling() and self._ops:
+            return self._ops
         key = (self.backend, self.device, self.dtype)
         if key != self._ops_key:
             self._ops = dispatch.resolve(*key, self.config)
@@ -269,7 +277,13 @@ class EomtFastForUniversalSegmentation(nn.Module):
         return self._ops
 
     def masking_probs(self) -> tuple[float, ...]:
-        """attn_mask_probs on the host, read again only when the buffer changes (no sync per forward)."""
+        """attn_mask_probs on the host, read again only when the buffer changes (no sync per forward).
+
+        Under torch.compile the values read by the last eager call (or at load) are used, and the compiled
+        graph is specialised on them: after changing attn_mask_probs, call ``masking_probs()`` (or the
+        model once eagerly) so that the next compiled call sees the new values and recompiles."""
+        if torch.compiler.is_compiling():
+            return self._probs
         buf = self.attn_mask_probs
         key = (buf.data_ptr(), buf._version, buf.numel())
         if key != self._probs_key:
