@@ -4,7 +4,9 @@ masked layer, computed at grid resolution).
 
 Implementations: each op's reference in eager mode, under torch.compile (max-autotune on a GPU), the Triton
 kernel when ``eomt_fast.dispatch.triton_ops()`` has one and CUDA is present, and for the grid mask the path
-transformers takes (full-resolution einsum, bilinear resize to the grid, dense (B, S, S) mask).
+transformers takes from these two inputs (full-resolution einsum, bilinear resize to the grid, a (B, S, S)
+boolean mask, expanded to the heads as the dense (B, heads, S, S) float mask). The whole mask side (mask head
+and upscale blocks included) is in bench_predict.py: the final predict() and a masked layer's mask.
 
     python bench/bench_mask_logits.py            # GPU: every shape below
     python bench/bench_mask_logits.py --quick    # CPU: small shapes (seconds)
@@ -22,21 +24,23 @@ import harness
 FULL = [("eomt-l-640", 1), ("eomt-l-640", 8), ("eomt-s-640", 1), ("eomt-b-640", 1), ("eomt-g-640", 1),
         ("eomt-l-1280", 1)]
 QUICK = [("quick", 1)]
-QUICK_DIMS = dict(C=256, Q=50, g=20, side=80, prefix=5, P=400, S=455)
+QUICK_DIMS = dict(C=256, H=4, Q=50, g=20, side=80, prefix=5, P=400, S=455)
 
 
-def transformers_path(mask_embeddings, pixel_embeddings, grid_size, prefix=5):
-    """transformers' masked-layer mask: einsum at full resolution, bilinear resize to (g, g), > 0, written
-    into a dense (B, S, S) boolean mask (then an additive float mask, as transformers builds it); returns the
-    query->patch block so that the result can be checked against the reference."""
+def transformers_path(mask_embeddings, pixel_embeddings, grid_size, prefix=5, heads=16):
+    """transformers' masked-layer mask from the mask and pixel embeddings: einsum at full resolution,
+    bilinear resize to (g, g), > 0, written into a (B, S, S) boolean mask, expanded to (B, heads, S, S) and
+    made the additive float mask (+1 / -1e9), as EomtForUniversalSegmentation.forward builds it; returns the
+    query->patch block (read from the float mask) so that the result can be checked against the reference."""
     batch, queries = mask_embeddings.shape[:2]
     logits = torch.einsum("bqc,bhwc->bqhw", mask_embeddings, pixel_embeddings)
     small = F.interpolate(logits, size=(grid_size, grid_size), mode="bilinear").flatten(2) > 0
     seq = queries + prefix + grid_size * grid_size
     dense = torch.ones(batch, seq, seq, dtype=torch.bool, device=logits.device)
     dense[:, :queries, queries + prefix:] = small
-    additive = dense.float().masked_fill(~dense, -1e9)  # noqa: F841  (built as transformers builds it)
-    return dense[:, :queries, queries + prefix:]
+    dense = dense[:, None].expand(-1, heads, -1, -1)
+    additive = dense.float().masked_fill(~dense, -1e9)
+    return additive[:, 0, :queries, queries + prefix:] > 0
 
 
 def cases(quick: bool) -> list[harness.KernelCase]:
@@ -63,8 +67,8 @@ def cases(quick: bool) -> list[harness.KernelCase]:
                                flops=harness.linear_flops(batch * q, c, g * g),
                                elements=batch * (q * c + side * side * c), extra_bytes=batch * q * g * g,
                                make_args=grid_args, masking=True,
-                               extra_impls={"transformers-path": lambda m, p, grid, prefix=d["prefix"]:
-                                            transformers_path(m, p, grid, prefix)},
+                               extra_impls={"transformers-path": lambda m, p, grid, prefix=d["prefix"], heads=d["H"]:
+                                            transformers_path(m, p, grid, prefix, heads)},
                                **{k: v for k, v in common.items() if k != "masking"}),
         ]
     return out

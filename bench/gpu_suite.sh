@@ -9,22 +9,33 @@
 # shape, so a cut step keeps what it timed). Results merge into bench/results/<date>_<device>.json (.md,
 # .png); logs go to bench/results/<date>_<device>_<step>.log. Run the steps one command each:
 #
-#   tests        pytest -m gpu (the GPU tests), log only
-#   model-b1     eomt-fast bench: EoMT-L/640, bf16, batch 1, masking off and on:
-#                eomt_fast, transformers eager / sdpa / torch.compile (default mode)
-#   model-b8     the same at batch 8
-#   autotune-b1  transformers under torch.compile(mode="max-autotune"), batch 1 (compiling takes minutes)
-#   autotune-b8  the same at batch 8
-#   attention    bench/bench_attention.py        (EoMT-L/640 shapes: --filter eomt-l-640)
-#   mlp          bench/bench_layernorm_mlp.py    (EoMT-L/640 shapes)
-#   linear       bench/bench_linear.py           (EoMT-L/640 shapes)
-#   masks        bench/bench_mask_logits.py and bench/bench_upscale.py (EoMT-L/640 shapes)
-#   all          every step above in order (about 30-60 minutes: only where no per-command limit applies)
+#   tests          pytest -m gpu (the GPU tests), log only
+#   check-kernels  eomt-fast check-kernels: every Triton kernel compiled for sm_80 and sm_90, log only
+#   model-b1       eomt-fast bench, bf16, batch 1, masking off and on, for ViT-L, ViT-S and ViT-B at 640
+#                  (one command each, L first; each gets what is left of the step's time):
+#                  eomt_fast, transformers eager / sdpa / torch.compile (default mode)
+#   model-b8       the same at batch 8
+#   autotune-b1    transformers under torch.compile(mode="max-autotune"), EoMT-L/640, batch 1 (compiling
+#                  takes minutes)
+#   autotune-b8    the same at batch 8
+#   e2e            eomt-fast bench --e2e: a decoded 640x480 image -> panoptic segments, batch 1 and 8, bf16,
+#                  eomt_fast (its processor + model on the GPU) against transformers' EomtImageProcessor +
+#                  EomtForUniversalSegmentation + post_process_panoptic_segmentation (ViT-L, then ViT-S)
+#   attention      bench/bench_attention.py        (EoMT-L/640 shapes: --filter eomt-l-640; SDPA backends,
+#                                                   the dense mask, FlexAttention with a block mask, Triton)
+#   mlp            bench/bench_layernorm_mlp.py    (EoMT-L/640 shapes)
+#   linear         bench/bench_linear.py           (EoMT-L/640 shapes)
+#   masks          bench/bench_mask_logits.py and bench/bench_upscale.py (EoMT-L/640 shapes)
+#   predict        bench/bench_predict.py: the final predict() and a masked layer's mask, eomt_fast's op
+#                  sequence against the reference ops (eager, max-autotune) and transformers' way (EoMT-L/640)
+#   all            every step above in order (about 60-90 minutes: only where no per-command limit applies)
 #
 # Without .git on the GPU machine, pass the commit: EOMT_FAST_COMMIT=$(git rev-parse HEAD) (expanded where
-# the command is written). KERNEL_FILTER=eomt-l (or empty) widens the kernel steps to more model shapes;
-# KERNEL_EXTRA adds arguments to the kernel scripts (KERNEL_EXTRA="--quick --no-compile" on a CPU);
-# SKIP_INSTALL=1 skips the pip install (a machine where the package is installed already).
+# the command is written). MODELS (default "eomt-l-640 eomt-s-640 eomt-b-640") are the presets of the
+# model steps, in order; E2E_MODELS (default "eomt-l-640 eomt-s-640") those of the e2e step.
+# KERNEL_FILTER=eomt-l (or empty) widens the kernel steps to more model shapes; KERNEL_EXTRA adds arguments
+# to the kernel scripts (KERNEL_EXTRA="--quick --no-compile" on a CPU); SKIP_INSTALL=1 skips the pip install
+# (a machine where the package is installed already).
 #
 # On the lent GPU machine each command gets a fresh copy of the working tree and only what is written
 # under $OUT comes back: when $OUT is set, every step copies this device's results and logs to
@@ -34,8 +45,10 @@
 #
 #   run: EOMT_FAST_COMMIT=<sha> bash bench/gpu_suite.sh model-b1      (one step per command)
 #
-# Python runs with -P for `-m` commands: the repository root must not be on sys.path, where kernels/ would
-# shadow the `kernels` package transformers probes for (and refuse to be imported under that name).
+# `-m` commands run with -P (the current directory is not put on sys.path). It is not needed any more: from
+# the repository root, kernels/ would be found as a top-level `kernels`, and kernels/__init__.py then makes
+# it an empty stray module, which transformers' probe for the Hugging Face `kernels` package reports as
+# not available; -P just keeps the root off sys.path.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -44,14 +57,36 @@ STEP_TIMEOUT=${STEP_TIMEOUT:-570}
 KERNEL_FILTER=${KERNEL_FILTER-eomt-l-640}
 STEPS=("$@")
 [ ${#STEPS[@]} -eq 0 ] && STEPS=(all)
-ALL=(tests model-b1 model-b8 autotune-b1 autotune-b8 attention mlp linear masks)
-MODEL=(-P -m eomt_fast.cli bench --model eomt-l-640 --dtype bfloat16 --masking both)
+ALL=(tests check-kernels model-b1 model-b8 autotune-b1 autotune-b8 e2e attention mlp linear masks predict)
+read -r -a MODELS <<< "${MODELS:-eomt-l-640 eomt-s-640 eomt-b-640}"
+read -r -a E2E_MODELS <<< "${E2E_MODELS:-eomt-l-640 eomt-s-640}"
+CLI=(-P -m eomt_fast.cli)
+MODEL=("${CLI[@]}" bench --dtype bfloat16 --masking both)
 COMPILE_DEFAULT=(--impls eomt_fast transformers-eager transformers-sdpa transformers-compile)
 KERNEL_ARGS=()
 [ -n "$KERNEL_FILTER" ] && KERNEL_ARGS=(--filter "$KERNEL_FILTER")
 # extra arguments for the kernel scripts, e.g. KERNEL_EXTRA="--quick --no-compile" to smoke-test on a CPU
 read -r -a EXTRA <<< "${KERNEL_EXTRA:-}"
 KERNEL_ARGS+=("${EXTRA[@]}")
+
+# run "$@" once per preset ($1: the presets' array name, the rest: the command before --model), each cut at
+# what is left of the step's STEP_TIMEOUT; a preset with less than 30 s left is skipped. Fails if any failed.
+per_model() {
+    local -n presets=$1
+    shift
+    local rc=0 left preset
+    for preset in "${presets[@]}"; do
+        left=$((STEP_TIMEOUT - (SECONDS - step_start)))
+        if [ "$left" -lt 30 ]; then
+            echo "--- $preset skipped: ${left} s left of the step's ${STEP_TIMEOUT} s"
+            rc=1
+            continue
+        fi
+        echo "--- $preset (at most ${left} s)"
+        timeout "$left" "$PY" "$@" --model "$preset" || rc=1
+    done
+    return $rc
+}
 
 install() {
     [ -n "${SKIP_INSTALL:-}" ] && return 0
@@ -62,14 +97,19 @@ run_step() {
     local step=$1 log rc
     log="bench/results/$("$PY" bench/harness.py slug)_${step}.log"
     echo "=== $step -> $log"
-    local start=$SECONDS
+    step_start=$SECONDS
     {
         case $step in
             tests)       timeout "$STEP_TIMEOUT" "$PY" -P -m pytest -m gpu -q -rs ;;
-            model-b1)    timeout "$STEP_TIMEOUT" "$PY" "${MODEL[@]}" --batch 1 "${COMPILE_DEFAULT[@]}" ;;
-            model-b8)    timeout "$STEP_TIMEOUT" "$PY" "${MODEL[@]}" --batch 8 "${COMPILE_DEFAULT[@]}" ;;
-            autotune-b1) timeout "$STEP_TIMEOUT" "$PY" "${MODEL[@]}" --batch 1 --impls transformers-compile-max-autotune ;;
-            autotune-b8) timeout "$STEP_TIMEOUT" "$PY" "${MODEL[@]}" --batch 8 --impls transformers-compile-max-autotune ;;
+            check-kernels) timeout "$STEP_TIMEOUT" "$PY" "${CLI[@]}" check-kernels ;;
+            model-b1)    per_model MODELS "${MODEL[@]}" --batch 1 "${COMPILE_DEFAULT[@]}" ;;
+            model-b8)    per_model MODELS "${MODEL[@]}" --batch 8 "${COMPILE_DEFAULT[@]}" ;;
+            autotune-b1) timeout "$STEP_TIMEOUT" "$PY" "${MODEL[@]}" --model eomt-l-640 --batch 1 \
+                             --impls transformers-compile-max-autotune ;;
+            autotune-b8) timeout "$STEP_TIMEOUT" "$PY" "${MODEL[@]}" --model eomt-l-640 --batch 8 \
+                             --impls transformers-compile-max-autotune ;;
+            e2e)         per_model E2E_MODELS "${CLI[@]}" bench --e2e --task panoptic --dtype bfloat16 --batch 1 8 \
+                             --budget 5 ;;
             attention)   timeout "$STEP_TIMEOUT" "$PY" bench/bench_attention.py "${KERNEL_ARGS[@]}" ;;
             mlp)         timeout "$STEP_TIMEOUT" "$PY" bench/bench_layernorm_mlp.py "${KERNEL_ARGS[@]}" ;;
             linear)      timeout "$STEP_TIMEOUT" "$PY" bench/bench_linear.py "${KERNEL_ARGS[@]}" ;;
@@ -78,10 +118,11 @@ run_step() {
                          timeout $((STEP_TIMEOUT / 2)) "$PY" bench/bench_upscale.py "${KERNEL_ARGS[@]}"
                          second=$?
                          [ $first -eq 0 ] && [ $second -eq 0 ] ;;
+            predict)     timeout "$STEP_TIMEOUT" "$PY" bench/bench_predict.py "${KERNEL_ARGS[@]}" ;;
         esac
     } 2>&1 | tee "$log"
     rc=${PIPESTATUS[0]}
-    echo "=== $step: exit $rc after $((SECONDS - start)) s" | tee -a "$log"
+    echo "=== $step: exit $rc after $((SECONDS - step_start)) s" | tee -a "$log"
     if [ -n "${OUT:-}" ]; then  # the lent machine returns only what is under $OUT
         mkdir -p "$OUT/bench/results"
         cp "bench/results/$("$PY" bench/harness.py slug)"* "$OUT/bench/results/" 2>/dev/null

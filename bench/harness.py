@@ -609,6 +609,9 @@ def speedups(rows: list[dict[str, Any]], ours: str | None = None,
     return out
 
 
+STAGES = ("preprocess_ms", "model_ms", "postprocess_ms")  # e2e rows: the stages timed apart
+
+
 def render_markdown(doc: dict[str, Any]) -> str:
     env = doc.get("environment", {})
     ceil = doc["ceilings"]
@@ -654,7 +657,28 @@ def render_markdown(doc: dict[str, Any]) -> str:
                 f"{_fmt(r.get('tflops'), '.3g')} | {_fmt(r.get('pct_matmul_ceiling'), '.1f')} | "
                 f"{'' if sp is None else f'{sp:.2f}x'} | {_fmt(r.get('peak_mem_mb'), '.0f')} |")
         lines.append("")
-    kernel_rows = [r for r in doc["results"] if r["benchmark"] != "model"]
+    e2e_rows = [r for r in doc["results"] if r["benchmark"] == "e2e"]
+    if e2e_rows:
+        ours = speedups(e2e_rows, "eomt_fast")
+        lines += ["## End to end (decoded images -> segments)", "",
+                  "| model | task, image | batch | dtype | masking | impl | ms median [p20-p80] | images/s | "
+                  "preprocess ms | model ms | postprocess ms | eomt_fast speedup (its ms / eomt_fast's) | "
+                  "segments/image |",
+                  "| --- | --- | ---: | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for r in sorted(e2e_rows, key=lambda r: (_sort_group(r), _impl_order(r["impl"]))):
+            sp = ours.get(row_key(r))
+            lines.append(
+                f"| {r['model']} | {r.get('shape', '')} | {r['batch']} | {r['dtype']} | "
+                f"{'on' if r['masking'] else 'off'} | {r['impl']} | {_timing(r)} | "
+                f"{_fmt(r.get('images_per_s'), '.3g')} | "
+                + " | ".join("" if r.get(k) is None else _ms(r[k]) for k in STAGES)
+                + " | "
+                f"{'' if sp is None else f'{sp:.2f}x'} | {_fmt(r.get('segments_per_image'), '.3g')} |")
+        processors = sorted({str(r["transformers_processor"]) for r in e2e_rows if r.get("transformers_processor")})
+        if processors:
+            lines += ["", f"transformers' image processor: {'; '.join(processors)}."]
+        lines.append("")
+    kernel_rows = [r for r in doc["results"] if r["benchmark"] not in ("model", "e2e")]
     if kernel_rows:
         vs_eager = speedups(kernel_rows, against="eager")
         lines += ["## Kernels", "",
@@ -700,7 +724,7 @@ METHOD_TEXT = {
 
 
 def _impl_order(impl: str) -> tuple:
-    order = ["eomt_fast", "triton", *MODEL_BASELINES, "eager", "compile", "compile-max-autotune"]
+    order = ["eomt_fast", "triton", *MODEL_BASELINES, "eager", "compile", "compile-max-autotune", "transformers"]
     return (order.index(impl) if impl in order else len(order), impl)
 
 
@@ -737,7 +761,8 @@ def render_chart(doc: dict[str, Any], path: str | os.PathLike) -> None:
         ax.set_yticks(range(len(prow)), labels, fontsize=7)
         ax.invert_yaxis()
         ax.set_xlabel("ms per call (median, whiskers p20-p80; lower is better)")
-        ax.set_title(f"{bench}" if bench != "model" else "whole network forward", fontsize=9)
+        ax.set_title({"model": "whole network forward", "e2e": "end to end: decoded images -> segments"}.get(
+            bench, bench), fontsize=9)
         ax.grid(axis="x", alpha=0.3)
     cpu = "cpu" in str(doc.get("environment", {}).get("device_slug", ""))
     fig.suptitle(f"eomt_fast benchmarks: {doc['device']}, {doc['date']}"
@@ -766,10 +791,15 @@ def reference_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+def relative_error(got: Any, expected: Any) -> float:
     """max |got - expected| / max |expected| for floats; the fraction of differing elements for booleans.
-    inf when the shapes differ or ``got`` is not finite."""
-    if got.shape != expected.shape:
+    inf when the shapes differ or ``got`` is not finite. Tuples (an op with several outputs): the largest
+    error of the outputs."""
+    if isinstance(expected, (tuple, list)):
+        if not isinstance(got, (tuple, list)) or len(got) != len(expected):
+            return math.inf
+        return max((relative_error(g, e) for g, e in zip(got, expected)), default=0.0)
+    if not isinstance(got, torch.Tensor) or got.shape != expected.shape:
         return math.inf
     if expected.dtype == torch.bool:
         return (got != expected).float().mean().item() if got.numel() else 0.0
@@ -808,6 +838,9 @@ class KernelCase:
     make_args: Callable[[torch.device, torch.dtype, torch.Generator], tuple]
     extra_impls: dict[str, Callable[..., Any]] = field(default_factory=dict)
     extra_bytes: float = 0.0
+    # a composite op (several ops of eomt_fast in sequence, not one op of dispatch.OPS): its reference
+    reference: Callable[..., Any] | None = None
+    notes: list[str] = field(default_factory=list)  # added to the results' notes when the case runs
 
     def bytes(self, dtype: torch.dtype) -> float:
         return self.elements * torch.empty((), dtype=dtype).element_size() + self.extra_bytes
@@ -879,7 +912,18 @@ def _reason(exc: BaseException) -> str:
 def _clone_output(out: Any) -> Any:
     if isinstance(out, torch.Tensor):
         return out.detach().clone()
+    if isinstance(out, (tuple, list)):
+        return type(out)(_clone_output(o) for o in out)
     return out
+
+
+def _is_bool(out: Any) -> bool:
+    if isinstance(out, (tuple, list)):
+        return bool(out) and all(_is_bool(o) for o in out)
+    return isinstance(out, torch.Tensor) and out.dtype == torch.bool
+
+
+MUST_RUN = ("eager", "triton", "eomt_fast")  # implementations whose failure fails the run (baselines may not apply)
 
 
 def run_kernel_benchmark(cases: list[KernelCase], args: argparse.Namespace) -> int:
@@ -909,7 +953,10 @@ def run_kernel_benchmark(cases: list[KernelCase], args: argparse.Namespace) -> i
         notes.append("kernel timings on CUDA: torch.compile as mode='max-autotune-no-cudagraphs' because the "
                      "calls are timed inside a CUDA graph")
     for case in cases:
-        reference = getattr(kernels, dispatch.OPS[case.op][0])
+        reference = case.reference or getattr(kernels, dispatch.OPS[case.op][0])
+        for note in case.notes:
+            if note not in notes:
+                notes.append(note)
         gen = torch.Generator(device=device).manual_seed(zlib.crc32(f"{case.op} {case.shape}".encode()))
         args0 = case.make_args(device, dtype, gen)
         n_sets = rotation_count(tensor_bytes(args0), l2_bytes(device)) if device.type == "cuda" else 1
@@ -942,18 +989,24 @@ def run_kernel_benchmark(cases: list[KernelCase], args: argparse.Namespace) -> i
                     synchronize(device)
                     first_s = time.perf_counter() - t0
             except Exception as exc:  # e.g. an SDPA backend that does not take this input
-                failed |= name in ("eager", "triton")  # those must run; a baseline may not apply
+                failed |= name in MUST_RUN  # those must run; a baseline may not apply
                 skipped.append({**base, "reason": _reason(exc)})
                 print(f"  {name:<32} not available: {skipped[-1]['reason']}")
                 continue
             err = relative_error(out, expected)
-            tol = tolerance(dtype, expected.dtype == torch.bool)
+            tol = tolerance(dtype, _is_bool(expected))
             if not err <= tol:
                 failed = True
                 skipped.append({**base, "reason": f"wrong result: error {err:.3g} > tolerance {tol:.3g}"})
                 print(f"  {name:<32} NOT TIMED: {skipped[-1]['reason']}")
                 continue
             checked[name] = (err, first_s)
+        prepared: dict[str, dict[str, Any]] = {}  # row fields of implementations with work done before timing
+        for name in checked:  # e.g. FlexAttention's block masks: made for every input set, outside the timed region
+            prepare = getattr(impls[name], "prepare", None)
+            if prepare is not None:
+                with torch.inference_mode():
+                    prepared[name] = prepare(arg_sets if device.type == "cuda" else [args0]) or {}
         with torch.inference_mode():  # 2. time
             if device.type == "cuda":
                 timings = {}
@@ -971,7 +1024,7 @@ def run_kernel_benchmark(cases: list[KernelCase], args: argparse.Namespace) -> i
                     "dtype": dtype_name(dtype), "masking": case.masking, "impl": name}
             timing = timings[name]
             if isinstance(timing, Exception):
-                failed |= name in ("eager", "triton")
+                failed |= name in MUST_RUN
                 skipped.append({**base, "reason": _reason(timing)})
                 print(f"  {name:<32} failed while timed: {skipped[-1]['reason']}")
                 continue
@@ -982,8 +1035,11 @@ def run_kernel_benchmark(cases: list[KernelCase], args: argparse.Namespace) -> i
                    "gbps": case.bytes(dtype) / sec / 1e9,
                    "pct_matmul_ceiling": 100 * case.flops / sec / 1e12 / ceilings["matmul_tflops"],
                    "max_rel_err": err}
-            if name.startswith("compile"):
+            if device.type == "cpu":  # runs of one file may use different thread counts
+                row["threads"] = torch.get_num_threads()
+            if name.startswith("compile") or name in prepared:
                 row["first_call_s"] = first_s
+            row.update(prepared.get(name, {}))
             rows.append(row)
             vs = "" if eager_ms is None or name == "eager" else f"{eager_ms / timing.median_ms:.2f}x"
             timed = f"{timing.median_ms:.4g} [{timing.p20_ms:.4g}-{timing.p80_ms:.4g}]"

@@ -11,9 +11,16 @@ times the forward of
 
 Every output is checked first (``check_outputs``) against transformers' sdpa model (in fp32 when the
 benchmark dtype is bf16/fp16); an implementation that disagrees is reported and not timed. Everything runs
-under ``torch.inference_mode``. Results go through the harness of ``bench/harness.py`` (timing,
-FLOP count, ceilings, ``bench/results/<date>_<device>.json`` + .md + .png); this needs a checkout of the
-repository (an editable install), where ``bench/`` sits next to this package.
+under ``torch.inference_mode``.
+
+``eomt-fast bench --e2e`` times the whole pipeline instead, decoded images in, segments out (``run_e2e``):
+``eomt_fast`` (EomtFastImageProcessor.preprocess on the model's device -> EomtFastForUniversalSegmentation ->
+its post_process_<task>_segmentation) against ``transformers`` (EomtImageProcessor -> EomtForUniversalSegmentation
+-> its post_process_<task>_segmentation), same random weights, results compared first (``compare_e2e``).
+
+Results go through the harness of ``bench/harness.py`` (timing, FLOP count, ceilings,
+``bench/results/<date>_<device>.json`` + .md + .png); this needs a checkout of the repository (an editable
+install), where ``bench/`` sits next to this package.
 """
 
 from __future__ import annotations
@@ -212,9 +219,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=None, help="a config.json (transformers' EoMT format) instead of --model")
     parser.add_argument("--batch", type=int, nargs="+", default=[1], help="batch sizes (default 1)")
     parser.add_argument("--dtype", default=None, help="bfloat16, float16, float32 (default: bf16 on CUDA, fp32 on CPU)")
-    parser.add_argument("--masking", choices=["off", "on", "both"], default="both",
-                        help="attn_mask_probs zeros (off), ones (on), or both (default)")
-    parser.add_argument("--impls", nargs="+", choices=IMPLS, default=None, help="only these implementations")
+    parser.add_argument("--masking", choices=["off", "on", "both"], default=None,
+                        help="attn_mask_probs zeros (off), ones (on), or both (default; --e2e: off, as released "
+                             "checkpoints run)")
+    parser.add_argument("--impls", nargs="+", choices=IMPLS + ("transformers",), default=None,
+                        help="only these implementations (--e2e: eomt_fast, transformers)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines (slow on a CPU)")
     parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when present)")
     parser.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"], help="eomt_fast backend")
@@ -226,10 +235,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--results-dir", default=None, help="where to write results (default: bench/results)")
     parser.add_argument("--no-write", action="store_true", help="print only")
+    e2e = parser.add_argument_group("end to end (--e2e)")
+    e2e.add_argument("--e2e", action="store_true",
+                     help="time decoded image(s) -> segments: eomt_fast's processor + model against transformers' "
+                          "EomtImageProcessor + EomtForUniversalSegmentation")
+    e2e.add_argument("--task", choices=["panoptic", "instance", "semantic"], default="panoptic",
+                     help="which segmentation (default panoptic)")
+    e2e.add_argument("--image-size", default="640x480", help="WIDTHxHEIGHT of the generated images (default 640x480)")
+    e2e.add_argument("--kept-fraction", type=float, default=KEPT_FRACTION,
+                     help=f"panoptic/instance: the threshold is placed so that about this fraction of the queries "
+                          f"of an image makes a segment (default {KEPT_FRACTION})")
 
 
 def _selected_impls(args: argparse.Namespace, device: torch.device) -> tuple[list[str], list[str]]:
-    names = list(args.impls or IMPLS)
+    names = [n for n in (args.impls or IMPLS) if n in IMPLS]  # "transformers" names the --e2e pipeline
+    if not names:
+        raise ValueError(f"--impls names no implementation of the model benchmark ({', '.join(IMPLS)})")
     notes = []
     if args.no_compile:
         names = [n for n in names if "compile" not in n]
@@ -240,6 +261,10 @@ def _selected_impls(args: argparse.Namespace, device: torch.device) -> tuple[lis
 
 
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "e2e", False):
+        return run_e2e(args)
+    if args.masking is None:
+        args.masking = "both"
     harness = load_harness()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = parse_dtype(args.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -436,3 +461,421 @@ def print_table(rows: list[dict[str, Any]], device: torch.device) -> None:
         print(f"  {r['impl']:<34} {timing:<28} {r['images_per_s']:8.3g} {r['tflops']:8.3g} "
               f"{r['pct_matmul_ceiling']:6.1f}% {speedup:>18} {r['max_rel_err']:8.2g}"
               + (f" {r.get('peak_mem_mb', 0):8.0f}" if mem else ""))
+
+
+# ---- end to end: decoded images in, segments out (--e2e) --------------------------------------------------
+E2E_IMPLS = ("eomt_fast", "transformers")
+KEPT_FRACTION = 0.1  # about 20 of 200 queries make a segment: a busy COCO image
+NO_OBJECT_BIAS = -10.0  # added to the class head's "no object" bias: random weights otherwise pick it often
+CLASS_SHARPEN = 5.0  # class head weights and biases scaled: random class scores spread over (0, 1)
+OVERLAP_THRESHOLD = 0.0  # random masks overlap heavily: at transformers' default 0.8 no segment survives
+# The check rule (E2E_RULE says it in words): preprocessing may differ by one 8-bit level (Pillow / torch /
+# torchvision resize their uint8 images with different fixed-point or float arithmetic) on a small fraction of
+# the values; segments must agree in number and labels; maps may differ only at a few boundary pixels.
+ONE_LEVEL = 1 / 255 / 0.224 + 1e-5  # one uint8 step after normalisation by the smallest ImageNet std (0.224)
+PIXEL_VALUE_FRACTION = 0.02
+MAP_MISMATCH = {torch.float64: 0.005, torch.float32: 0.005, torch.float16: 0.05, torch.bfloat16: 0.05}
+SCORE_TOLERANCE = {torch.float64: 1e-3, torch.float32: 1e-3, torch.float16: 0.05, torch.bfloat16: 0.05}
+SEMANTIC_MIN_AREA = 0.005  # semantic: classes covering at least this fraction of an image must agree
+E2E_RULE = ("e2e check rule (before timing, on the timed images): pixel_values of the two processors differ by "
+            "at most one 8-bit level after normalisation (1/255/std) on at most 2% of the values (resize "
+            "rounding: Pillow, torch and torchvision round uint8 resizes differently; with no resize, as 640x480 "
+            "into a 640 model, they are equal); per image the same number of segments with the same label_id in "
+            "id order (semantic: the same classes among those covering >= 0.5% of the image), scores within "
+            "1e-3 (fp32) / 0.05 (bf16, fp16), and segment maps equal on >= 99.5% (fp32) / 95% (bf16, fp16) of "
+            "the pixels")
+
+
+def generated_images(count: int, height: int, width: int, seed: int = 0) -> list[np.ndarray]:
+    """Photo-like decoded RGB images, (height, width, 3) uint8 numpy arrays: smooth gradients, a few flat
+    shapes with sharp edges, mild sensor noise (no file decoding is timed: these are the decoded arrays)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32) / max(height, width)
+    images = []
+    for _ in range(count):
+        phase = rng.uniform(0, 6, 3)
+        img = np.stack([np.sin(x * 7 + phase[0]), np.cos(y * 5 + phase[1]), np.sin((x + y) * 4 + phase[2])], -1)
+        img = (img + 1) * 100 + 20
+        for _ in range(6):  # rectangles and discs of one colour
+            cy, cx = rng.uniform(0, height), rng.uniform(0, width)
+            r = rng.uniform(0.05, 0.2) * max(height, width)
+            inside = ((y * max(height, width) - cy) ** 2 + (x * max(height, width) - cx) ** 2 < r * r
+                      if rng.random() < 0.5 else
+                      (abs(y * max(height, width) - cy) < r) & (abs(x * max(height, width) - cx) < r / 2))
+            img[inside] = rng.uniform(0, 255, 3)
+        img += rng.normal(0, 3, img.shape)
+        images.append(np.clip(img, 0, 255).round().astype(np.uint8))
+    return images
+
+
+def transformers_image_processor(config: EomtFastConfig, task: str):
+    """transformers' EomtImageProcessor configured as the released checkpoints of ``task`` are: the torchvision
+    backend where torchvision is installed (it then runs on the model's device), else the PIL backend (CPU)."""
+    import transformers
+
+    try:
+        import torchvision  # noqa: F401
+
+        cls, on_device = transformers.EomtImageProcessor, True
+    except ImportError:
+        cls, on_device = getattr(transformers, "EomtImageProcessorPil", None) or transformers.EomtImageProcessor, False
+    if task == "semantic":
+        kwargs = dict(size={"shortest_edge": config.image_size, "longest_edge": None}, do_split_image=True,
+                      do_pad=False)
+    else:
+        kwargs = dict(size={"shortest_edge": config.image_size, "longest_edge": config.image_size},
+                      do_split_image=False, do_pad=True)
+    return cls(**kwargs), on_device
+
+
+def boost_class_head(hf: torch.nn.Module) -> None:
+    """Random class heads give "no object" or flat scores: push them to real classes and spread the scores."""
+    with torch.no_grad():
+        hf.class_predictor.bias[-1] += NO_OBJECT_BIAS
+        hf.class_predictor.weight.mul_(CLASS_SHARPEN)
+        hf.class_predictor.bias.mul_(CLASS_SHARPEN)
+
+
+@dataclass
+class Pipeline:
+    """One implementation of decoded images -> segments, in three stages (timed together, and apart)."""
+
+    name: str
+    preprocess: Callable[[list], tuple[torch.Tensor, Any, list]]  # -> fp32 pixel_values, patch_offsets, sizes
+    forward: Callable[[torch.Tensor, Any], Any]  # -> model outputs (the cast to the model dtype included)
+    postprocess: Callable[[Any, list, dict], Any]  # (outputs, target sizes, thresholds) -> segments
+    device: torch.device
+    params: dict = None  # post-processing thresholds
+
+    def __call__(self, images: list) -> Any:
+        pixel_values, offsets, sizes = self.preprocess(images)
+        results = self.postprocess(self.forward(pixel_values, offsets), sizes, self.params or {})
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return results
+
+
+def make_pipelines(task: str, config: EomtFastConfig, hf: torch.nn.Module, ours: EomtFastForUniversalSegmentation,
+                   device: torch.device, dtype: torch.dtype) -> tuple[dict[str, Pipeline], str]:
+    import numpy as np
+
+    from .processing import EomtFastImageProcessor
+
+    theirs_proc, on_device = transformers_image_processor(config, task)
+    our_proc = EomtFastImageProcessor.from_config(config, task)
+    post = f"post_process_{task}_segmentation"
+
+    def their_pre(images):
+        nonlocal on_device
+        if on_device:
+            try:
+                inputs = theirs_proc(images=images, return_tensors="pt", device=device)
+            except (TypeError, ValueError):  # a transformers whose processor takes no device: on the CPU
+                on_device = False
+        if not on_device:
+            inputs = theirs_proc(images=images, return_tensors="pt")
+        offsets = inputs.get("patch_offsets") or None
+        return inputs["pixel_values"].to(device), offsets, [tuple(i.shape[:2]) for i in images]
+
+    def our_pre(images):
+        out = our_proc.preprocess(images, device=device)
+        return out.pixel_values, out.patch_offsets, out.target_sizes
+
+    def their_post(outputs, sizes, params):
+        return getattr(theirs_proc, post)(outputs, target_sizes=sizes, **params)
+
+    def our_post(outputs, sizes, params):
+        return getattr(our_proc, post)(outputs, target_sizes=sizes, **params)
+
+    hf.set_attn_implementation("sdpa")
+    pipelines = {
+        "eomt_fast": Pipeline("eomt_fast", our_pre, lambda x, offsets: ours(x.to(dtype), patch_offsets=offsets),
+                              our_post, device),
+        "transformers": Pipeline("transformers", their_pre, lambda x, offsets: hf(x.to(dtype), patch_offsets=offsets),
+                                 their_post, device),
+    }
+    their_pre([np.zeros((8, 8, 3), dtype=np.uint8)])  # settles on_device
+    where = device.type if on_device else "cpu"
+    return pipelines, f"{type(theirs_proc).__name__} (preprocessing on {where})"
+
+
+def gap_threshold(scores: list[float], target: int, dtype: torch.dtype = torch.float64) -> tuple[float, float]:
+    """(threshold, margin): the midpoint of the widest gap between consecutive sorted scores when keeping
+    between target/2 and 2*target of them, rounded to ``dtype`` (where post-processing compares it: a tensor
+    compared with a Python float rounds the float to the tensor's dtype); margin: how far a score must move
+    to change which pass. With fewer than two scores, a threshold that keeps them all."""
+    ordered = sorted(scores, reverse=True)
+    if len(ordered) < 2:
+        return (ordered[0] / 2 if ordered else 0.0), 0.0
+    lo, hi = max(1, target // 2), max(1, min(len(ordered) - 1, 2 * target))
+    keep = max(range(lo, hi + 1), key=lambda r: ordered[r - 1] - ordered[r])
+    upper, lower = ordered[keep - 1], ordered[keep]
+    threshold = torch.tensor((upper + lower) / 2, dtype=torch.float64).to(dtype).item()
+    return threshold, max(0.0, min(upper - threshold, threshold - lower))
+
+
+def choose_thresholds(task: str, reference: Pipeline, images: list, num_queries: int,
+                      kept_fraction: float) -> dict[str, Any]:
+    """Post-processing parameters under which random weights give segments (see the constants above), from the
+    reference pipeline's scores on the timed images. Returns the parameters and a description of the choice."""
+    if task == "semantic":
+        return {"params": {}, "threshold": None, "margin": None}
+    pixel_values, offsets, sizes = reference.preprocess(images)
+    outputs = reference.forward(pixel_values, offsets)
+    target = max(1, round(kept_fraction * num_queries)) * len(images)
+    if task == "panoptic":  # as post-processing computes them: softmax in the logits' dtype, compared there
+        logits = outputs.class_queries_logits
+        scores, labels = logits.softmax(-1).max(-1)
+        scores = scores[labels != logits.shape[-1] - 1].flatten().float().tolist()
+        threshold, margin = gap_threshold(scores, target, logits.dtype)
+        params = {"threshold": threshold, "overlap_mask_area_threshold": OVERLAP_THRESHOLD}
+    else:  # instance: class score x mean mask probability, as transformers computes it: read at threshold 0
+        results = reference.postprocess(outputs, sizes, {"threshold": 0.0})
+        scores = [s["score"] for r in results for s in r["segments_info"]]
+        threshold, margin = gap_threshold(scores, target)
+        params = {"threshold": threshold}
+    return {"params": params, "threshold": threshold, "margin": margin}
+
+
+def _as_cpu(t: Any) -> torch.Tensor:
+    return torch.as_tensor(t).detach().cpu()
+
+
+def _label_map(result: Any) -> torch.Tensor:
+    """A semantic result: the (H, W) label map itself, or a result with ``segmentation``."""
+    return _as_cpu(result if isinstance(result, torch.Tensor) else result["segmentation"])
+
+
+def compare_e2e(task: str, got: list, expected: list, got_pixels: torch.Tensor, expected_pixels: torch.Tensor,
+                dtype: torch.dtype) -> tuple[bool, str, dict[str, Any]]:
+    """Does eomt_fast's pipeline agree with transformers' under E2E_RULE? (ok, one line, measured values)."""
+    problems: list[str] = []
+    got_pixels, expected_pixels = _as_cpu(got_pixels).float(), _as_cpu(expected_pixels).float()
+    if got_pixels.shape != expected_pixels.shape:
+        return False, f"pixel_values shapes differ: {tuple(got_pixels.shape)} vs {tuple(expected_pixels.shape)}", {}
+    diff = (got_pixels - expected_pixels).abs()
+    measured: dict[str, Any] = {"pixel_values_max_diff": diff.max().item() if diff.numel() else 0.0,
+                                "pixel_values_differing": (diff > 1e-5).float().mean().item() if diff.numel() else 0.0}
+    if measured["pixel_values_max_diff"] > ONE_LEVEL or measured["pixel_values_differing"] > PIXEL_VALUE_FRACTION:
+        problems.append(f"pixel_values differ by up to {measured['pixel_values_max_diff']:.3g} on "
+                        f"{100 * measured['pixel_values_differing']:.2f}% of the values")
+    if len(got) != len(expected):
+        return False, f"{len(got)} results for {len(expected)} images", measured
+    mismatch, score_diff, segments = 0.0, 0.0, []
+    for i, (ours, theirs) in enumerate(zip(got, expected)):
+        if task == "semantic":
+            ours_map, theirs_map = _label_map(ours), _label_map(theirs)
+            if ours_map.shape != theirs_map.shape:
+                problems.append(f"image {i}: label maps of shapes {tuple(ours_map.shape)} and "
+                                f"{tuple(theirs_map.shape)}")
+                continue
+            mismatch = max(mismatch, (ours_map != theirs_map).float().mean().item())
+            big = [set((torch.bincount(m.flatten()) >= SEMANTIC_MIN_AREA * m.numel()).nonzero().flatten().tolist())
+                   for m in (ours_map, theirs_map)]
+            segments.append(len(big[1]))
+            if big[0] != big[1]:
+                problems.append(f"image {i}: classes {sorted(big[0] ^ big[1])} cover >= {SEMANTIC_MIN_AREA:.1%} "
+                                "of the image in one result only")
+            continue
+        ours_info, theirs_info = ours["segments_info"], theirs["segments_info"]
+        segments.append(len(theirs_info))
+        ours_labels = [s["label_id"] for s in sorted(ours_info, key=lambda s: s["id"])]
+        theirs_labels = [s["label_id"] for s in sorted(theirs_info, key=lambda s: s["id"])]
+        if ours_labels != theirs_labels:
+            problems.append(f"image {i}: {len(ours_labels)} segments labelled {ours_labels[:8]}... vs "
+                            f"{len(theirs_labels)} labelled {theirs_labels[:8]}...")
+            continue
+        for a, b in zip(sorted(ours_info, key=lambda s: s["id"]), sorted(theirs_info, key=lambda s: s["id"])):
+            score_diff = max(score_diff, abs(a["score"] - b["score"]))
+        ours_map, theirs_map = _as_cpu(ours["segmentation"]), _as_cpu(theirs["segmentation"])
+        if ours_map.shape != theirs_map.shape:
+            problems.append(f"image {i}: segment maps of shapes {tuple(ours_map.shape)} and {tuple(theirs_map.shape)}")
+            continue
+        mismatch = max(mismatch, (ours_map != theirs_map).float().mean().item())
+    measured.update(map_mismatch=mismatch, score_max_diff=score_diff,
+                    segments_per_image=sum(segments) / max(1, len(segments)))
+    if mismatch > MAP_MISMATCH[dtype]:
+        problems.append(f"segment maps differ on {100 * mismatch:.2f}% of the pixels "
+                        f"(> {100 * MAP_MISMATCH[dtype]:.1f}%)")
+    if score_diff > SCORE_TOLERANCE[dtype]:
+        problems.append(f"segment scores differ by {score_diff:.3g} (> {SCORE_TOLERANCE[dtype]:.3g})")
+    line = (f"{measured['segments_per_image']:.3g} segments/image, maps differ on {100 * mismatch:.3f}% of the "
+            f"pixels, scores by {score_diff:.2g}, pixel_values by <= {measured['pixel_values_max_diff']:.3g} on "
+            f"{100 * measured['pixel_values_differing']:.3f}% of the values")
+    return not problems, ("ok: " + line) if not problems else ("MISMATCH: " + "; ".join(problems)), measured
+
+
+def stage_times(pipeline: Pipeline, images: list, repeats: int) -> dict[str, float]:
+    """Median ms of each stage, measured apart (a device synchronize after each: unlike the whole-pipeline
+    timing, no stage overlaps the next, so the parts may add up to more than the whole)."""
+    times: dict[str, list[float]] = {"preprocess_ms": [], "model_ms": [], "postprocess_ms": []}
+    harness = load_harness()
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        pixel_values, offsets, sizes = pipeline.preprocess(images)
+        harness.synchronize(pipeline.device)
+        t1 = time.perf_counter()
+        outputs = pipeline.forward(pixel_values, offsets)
+        harness.synchronize(pipeline.device)
+        t2 = time.perf_counter()
+        pipeline.postprocess(outputs, sizes, pipeline.params or {})
+        harness.synchronize(pipeline.device)
+        t3 = time.perf_counter()
+        for key, value in zip(times, (t1 - t0, t2 - t1, t3 - t2)):
+            times[key].append(value * 1e3)
+    return {key: harness.percentile(values, 0.5) for key, values in times.items()}
+
+
+def e2e_notes(device: torch.device) -> list[str]:
+    notes = [
+        "e2e rows: generated photo-like decoded images (numpy HWC uint8 RGB; no file decoding) in, segments out: "
+        "eomt_fast = EomtFastImageProcessor.preprocess on the model's device -> EomtFastForUniversalSegmentation -> "
+        "its post_process_<task>_segmentation; transformers = EomtImageProcessor (its class and where it "
+        "preprocesses: transformers_processor in the row) -> EomtForUniversalSegmentation (sdpa) -> its "
+        "post_process_<task>_segmentation; the same random weights; wall clock per call, every call ending "
+        "with a device synchronize; preprocess/model/postprocess ms: medians of the stages timed apart",
+        "e2e rows: random weights give no segment at transformers' defaults (threshold 0.8, "
+        "overlap_mask_area_threshold 0.8), so: the class head's 'no object' bias -10 and class weights and biases "
+        "x5 (both models), the panoptic/instance threshold set per run at the midpoint of the widest gap in "
+        "transformers' scores around 10% of the queries per image (threshold and margin in the row), "
+        "overlap_mask_area_threshold 0 (random masks overlap: at 0.8 none survives); semantic has no threshold",
+        E2E_RULE,
+    ]
+    if device.type == "cpu":
+        notes.append("CPU: the eomt_fast rows run the plain-PyTorch fallback of every op; these numbers say nothing "
+                     "about GPU speed")
+    return notes
+
+
+def run_e2e(args: argparse.Namespace) -> int:
+    """``eomt-fast bench --e2e``: decoded images -> segments, eomt_fast against transformers."""
+    harness = load_harness()
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = parse_dtype(args.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.config:
+        config = EomtFastConfig.from_json_file(args.config)
+        model_name = f"config:{Path(args.config).resolve().parent.name}/{Path(args.config).name}"
+    else:
+        config = preset_config(args.model)
+        model_name = args.model
+    try:
+        width, height = (int(v) for v in args.image_size.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"--image-size must be WIDTHxHEIGHT, e.g. 640x480, got {args.image_size!r}") from None
+    if any(b < 1 for b in args.batch):
+        raise ValueError(f"batch sizes must be >= 1, got {args.batch}")
+    names = [n for n in (args.impls or E2E_IMPLS) if n in E2E_IMPLS]
+    if not names:
+        raise ValueError(f"--e2e times {', '.join(E2E_IMPLS)}; --impls names none of them")
+    maskings = {"off": [False], "on": [True], "both": [False, True]}[args.masking or "off"]
+    budget = min(args.budget, 0.5) if args.quick else args.budget
+    min_repeats = min(args.min_repeats, 3) if args.quick else args.min_repeats
+
+    def stage_repeats(first_call_s: float) -> int:  # the stages timed apart: about one budget's worth, 2 to 10 runs
+        return max(2, min(3 if args.quick else 10, int(budget / max(first_call_s, 1e-3))))
+
+    env = harness.environment(device)
+    ceilings = harness.measure_ceilings(device, quick=args.quick)
+    print(f"{env['device']} | torch {env['torch']} | triton {env['triton']} | transformers {env['transformers']} | "
+          f"commit {env['commit'][:12]}")
+    from .testing import random_hf_model
+
+    t0 = time.perf_counter()
+    hf = random_hf_model(seed=args.seed, dtype=dtype, attn_implementation="sdpa", **hf_config_kwargs(config)).to(device)
+    boost_class_head(hf)
+    ours = EomtFastForUniversalSegmentation.from_hf(hf, backend=args.backend)
+    pipelines, their_processor = make_pipelines(args.task, config, hf, ours, device, dtype)
+    print(f"e2e {args.task}: {model_name} ({config.image_size}px model), {width}x{height} uint8 images, "
+          f"{harness.dtype_name(dtype)}, eomt_fast backend={args.backend}; transformers: {their_processor}; "
+          f"built in {time.perf_counter() - t0:.1f} s")
+    shape = f"{args.task}-{width}x{height}"
+    rows: list[dict[str, Any]] = []
+    skipped: list[dict[str, Any]] = []
+    failed, path = False, None
+    with torch.inference_mode():
+        for batch in args.batch:
+            images = generated_images(batch, height, width, seed=args.seed + batch)
+            for masking in maskings:
+                set_masking([hf, ours], masking)
+                group = dict(benchmark="e2e", model=model_name, shape=shape, batch=batch,
+                             dtype=harness.dtype_name(dtype), masking=masking)
+                choice = choose_thresholds(args.task, pipelines["transformers"], images, config.num_queries,
+                                           args.kept_fraction)
+                for p in pipelines.values():
+                    p.params = choice["params"]
+                print(f"\n{model_name} {shape} batch {batch} masking {'on' if masking else 'off'}: post-processing "
+                      f"{choice['params'] or 'defaults'}" + (f" (margin {choice['margin']:.3g})"
+                                                             if choice["margin"] is not None else ""))
+                # 1. check: both pipelines once (the first call also warms up), eomt_fast's against transformers'
+                first: dict[str, float] = {}
+                results: dict[str, Any] = {}
+                for name in E2E_IMPLS:
+                    start = time.perf_counter()
+                    try:
+                        results[name] = pipelines[name](images)
+                    except Exception as exc:  # noqa: BLE001
+                        results[name] = exc
+                    first[name] = time.perf_counter() - start
+                broken = [n for n in E2E_IMPLS if isinstance(results[n], Exception)]
+                ok, line, measured = False, "", {}
+                if not broken:
+                    got_pixels = pipelines["eomt_fast"].preprocess(images)[0]
+                    expected_pixels = pipelines["transformers"].preprocess(images)[0]
+                    ok, line, measured = compare_e2e(args.task, results["eomt_fast"], results["transformers"],
+                                                     got_pixels, expected_pixels, dtype)
+                    print(f"  check: {line}")
+                else:
+                    line = "; ".join(f"{n} failed: {_reason(results[n])}" for n in broken)
+                    print(f"  {line}")
+                checked = [n for n in names if n not in broken and (ok or n == "transformers")]
+                for n in names:
+                    if n not in checked:
+                        failed = True
+                        reason = _reason(results[n]) if n in broken else f"output {line}"
+                        skipped.append(dict(group, impl=n, reason=reason))
+                        print(f"  {n:<14} NOT TIMED: {reason}")
+                # 2. time: whole pipelines in rounds (wall clock), then the stages apart
+                setups = {n: (lambda p=pipelines[n]: lambda: p(images)) for n in checked}
+                timings = harness.time_interleaved(setups, warmup=3 if device.type == "cuda" else 1,
+                                                   budget_s=budget, min_repeats=min_repeats, max_repeats=200)
+                group_rows = []
+                for n in checked:
+                    timing = timings[n]
+                    if isinstance(timing, Exception):
+                        failed = True
+                        skipped.append(dict(group, impl=n, reason=_reason(timing)))
+                        continue
+                    row = dict(group, impl=n, median_ms=timing.median_ms, p20_ms=timing.p20_ms,
+                               p80_ms=timing.p80_ms, samples=timing.samples, method=timing.method,
+                               images_per_s=batch / (timing.median_ms * 1e-3), first_call_s=first[n],
+                               task=args.task, image_size=f"{width}x{height}", model_image_size=config.image_size,
+                               transformers_processor=their_processor, threshold=choice["threshold"],
+                               threshold_margin=choice["margin"], post_params=choice["params"], check=line,
+                               **({"threads": torch.get_num_threads()} if device.type == "cpu" else {}),
+                               **measured, **stage_times(pipelines[n], images, stage_repeats(first[n])))
+                    group_rows.append(row)
+                rows.extend(group_rows)
+                print_e2e_table(group_rows)
+                if not args.no_write and (rows or skipped):
+                    path = harness.write_results(rows, env, ceilings, args.results_dir, skipped=skipped,
+                                                 notes=e2e_notes(device))
+    if path is not None:
+        print(f"\nwrote {path} (+ .md, .png)")
+    return 1 if failed else 0
+
+
+def print_e2e_table(rows: list[dict[str, Any]]) -> None:
+    if not rows:
+        return
+    ours = next((r["median_ms"] for r in rows if r["impl"] == "eomt_fast"), None)
+    print(f"  {'impl':<14} {'ms median [p20-p80]':<28} {'img/s':>8} {'pre ms':>8} {'model ms':>9} {'post ms':>8} "
+          f"{'eomt_fast speedup':>18}")
+    for r in rows:
+        speedup = "" if ours is None or r["impl"] == "eomt_fast" else f"{r['median_ms'] / ours:.2f}x"
+        timing = f"{r['median_ms']:.4g} [{r['p20_ms']:.4g}-{r['p80_ms']:.4g}]"
+        print(f"  {r['impl']:<14} {timing:<28} {r['images_per_s']:8.3g} {r['preprocess_ms']:8.3g} "
+              f"{r['model_ms']:9.3g} {r['postprocess_ms']:8.3g} {speedup:>18}")

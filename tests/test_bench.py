@@ -220,7 +220,8 @@ def test_presets_have_the_released_dimensions():
 # ---- kernel scripts --------------------------------------------------------------------------------------
 SCRIPTS = {"bench_attention": {"attention"}, "bench_layernorm_mlp": {"layernorm_mlp"},
            "bench_linear": {"layernorm_qkv", "out_projection", "mask_head", "patch_embed"},
-           "bench_mask_logits": {"mask_logits", "grid_attention_mask"}, "bench_upscale": {"upscale"}}
+           "bench_mask_logits": {"mask_logits", "grid_attention_mask"}, "bench_upscale": {"upscale"},
+           "bench_predict": {"predict", "masked_layer_mask"}}
 
 
 @pytest.mark.parametrize("script", sorted(SCRIPTS))
@@ -233,6 +234,9 @@ def test_kernel_script_quick_on_cpu(script, tmp_path, monkeypatch):
     assert {r["benchmark"] for r in doc["results"]} == SCRIPTS[script]
     assert all(r["impl"] != "triton" for r in doc["results"])  # Triton kernels are timed on CUDA only
     assert {"eager"} <= {r["impl"] for r in doc["results"]}
+    if script == "bench_predict":  # composite ops: eomt_fast's op sequence and transformers' way beside the references
+        assert {(r["benchmark"], r["impl"]) for r in doc["results"]} == {
+            (op, impl) for op in SCRIPTS[script] for impl in ("eager", "eomt_fast", "transformers")}
 
 
 def test_kernel_runner_refuses_a_wrong_implementation(tmp_path):
@@ -250,3 +254,98 @@ def test_kernel_runner_refuses_a_wrong_implementation(tmp_path):
     doc = harness.load(next(tmp_path.glob("*.json")))
     assert [r["impl"] for r in doc["results"]] == ["eager"]
     assert doc["skipped"][0]["impl"] == "wrong" and "wrong result" in doc["skipped"][0]["reason"]
+
+
+def _bench_module(name, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH_DIR))
+    return importlib.import_module(name)
+
+
+def test_transformers_predict_transcription_is_transformers_predict(monkeypatch):
+    """bench_predict.transformers_predict (and eomt_fast's op sequence) against EomtForUniversalSegmentation.predict
+    itself, on the weights of a random transformers model."""
+    pytest.importorskip("transformers")
+    from eomt_fast.testing import TEST_CONFIGS, random_hf_model
+
+    module = _bench_module("bench_predict", monkeypatch)
+    config = TEST_CONFIGS["small_r4"]
+    hf = random_hf_model(seed=3, **config)
+    g = config["image_size"] // config["patch_size"]
+    patch_start = config["num_queries"] + 1 + config["num_register_tokens"]
+    tokens = torch.randn(2, patch_start + g * g, config["hidden_size"], generator=torch.Generator().manual_seed(0))
+    head = [t for fc in (hf.mask_head.fc1, hf.mask_head.fc2, hf.mask_head.fc3) for t in (fc.weight, fc.bias)]
+    layers = hf.upscale_block.block
+    blocks = [t for layer in layers for t in (layer.conv1.weight.permute(0, 2, 3, 1).contiguous(), layer.conv1.bias,
+                                              layer.conv2.weight, layer.layernorm2d.weight, layer.layernorm2d.bias)]
+    args = (tokens, *head, hf.class_predictor.weight, hf.class_predictor.bias, *blocks,
+            *[layer.conv1.weight for layer in layers], config["num_queries"], patch_start, g,
+            config["num_attention_heads"], len(layers))
+    with torch.inference_mode():
+        expected_masks, expected_classes = hf.predict(tokens)
+        for masks, classes in (module.transformers_predict(*args), module.predict_ops(module.reference_ops(), args)):
+            torch.testing.assert_close(masks, expected_masks, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(classes, expected_classes, rtol=1e-4, atol=1e-4)
+        grid_mask = module.masked_layer_mask_ops(module.reference_ops(), args)
+        dense = module.transformers_masked_layer_mask(*args)
+    assert grid_mask.shape == dense.shape == (2, config["num_queries"], g * g)
+    assert (grid_mask != dense).float().mean() < 0.01  # logits within rounding of 0 may differ
+
+
+def test_flex_mask_mod_is_the_compact_mask_expanded(monkeypatch):
+    """The mask_mod FlexAttention gets (evaluated here directly, on index grids) allows exactly what
+    expand_query_patch_mask allows: the query->patch block from the mask, everything else."""
+    from eomt_fast.kernels import expand_query_patch_mask
+
+    module = _bench_module("bench_attention", monkeypatch)
+    assert module.flex_available(torch.device("cpu")) is not None  # benchmarked on CUDA only
+    batch, queries, grid, prefix = 2, 5, 4, 3
+    mask = harness.random_query_patch_mask(batch, queries, grid, torch.device("cpu"), torch.Generator().manual_seed(1))
+    seq, start = queries + prefix + grid * grid, queries + prefix
+    mask_mod = module.query_patch_mask_mod(mask, start)
+    rows, cols = torch.arange(seq)[:, None], torch.arange(seq)[None, :]
+    got = torch.stack([mask_mod(torch.tensor(b), torch.tensor(0), rows, cols) for b in range(batch)])
+    expected = torch.ones(batch, seq, seq, dtype=torch.bool)
+    expected[:, :queries] = expand_query_patch_mask(mask, seq, start)
+    assert torch.equal(got, expected)
+
+
+# ---- eomt-fast bench --e2e --------------------------------------------------------------------------------
+def test_bench_e2e_tiny_panoptic_on_cpu(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    pytest.importorskip("PIL")
+    assert cli.main(["bench", "--e2e", "--model", "tiny", "--quick", "--budget", "0.05", "--batch", "1",
+                     "--results-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "check: ok" in out and "eomt_fast speedup" in out
+    (path,) = tmp_path.glob("*.json")
+    doc = harness.load(path)
+    assert {(r["impl"], r["masking"]) for r in doc["results"]} == {("eomt_fast", False), ("transformers", False)}
+    for r in doc["results"]:
+        assert r["benchmark"] == "e2e" and r["model"] == "tiny" and r["shape"] == "panoptic-640x480"
+        assert r["segments_per_image"] >= 1 and r["check"].startswith("ok")
+        assert r["map_mismatch"] <= bench.MAP_MISMATCH[torch.float32]
+        assert r["pixel_values_max_diff"] <= bench.ONE_LEVEL  # tiny resizes 640x480 to 128x96: rounding only
+        assert r["images_per_s"] > 0 and min(r["preprocess_ms"], r["model_ms"], r["postprocess_ms"]) > 0
+        assert 0 < r["threshold"] < 1 and r["post_params"]["overlap_mask_area_threshold"] == bench.OVERLAP_THRESHOLD
+    assert any(bench.E2E_RULE == note for note in doc["notes"])
+    assert "## End to end" in path.with_suffix(".md").read_text()
+
+
+def test_e2e_threshold_and_comparison_rules():
+    threshold, margin = bench.gap_threshold([0.9, 0.85, 0.5, 0.45, 0.4, 0.1], target=2)
+    assert threshold == pytest.approx(0.675) and margin == pytest.approx(0.175)  # the widest gap near 2 kept
+    assert bench.gap_threshold([0.3], target=2)[0] < 0.3  # too few scores: keep them all
+    segmentation = torch.zeros(6, 8, dtype=torch.long)
+    segmentation[:, 4:] = 1
+    result = [{"segmentation": segmentation, "segments_info": [{"id": 0, "label_id": 3, "score": 0.9},
+                                                               {"id": 1, "label_id": 5, "score": 0.8}]}]
+    pixels = torch.zeros(1, 3, 8, 8)
+    ok, line, measured = bench.compare_e2e("panoptic", result, result, pixels, pixels, torch.float32)
+    assert ok and line.startswith("ok") and measured["segments_per_image"] == 2
+    relabelled = [{**result[0], "segments_info": [dict(result[0]["segments_info"][0], label_id=4),
+                                                  result[0]["segments_info"][1]]}]
+    assert not bench.compare_e2e("panoptic", relabelled, result, pixels, pixels, torch.float32)[0]
+    moved = [{**result[0], "segmentation": torch.ones_like(segmentation)}]  # half the pixels change segment
+    assert not bench.compare_e2e("panoptic", moved, result, pixels, pixels, torch.float32)[0]
+    off_by_two_levels = pixels + 2 * bench.ONE_LEVEL
+    assert not bench.compare_e2e("panoptic", result, result, off_by_two_levels, pixels, torch.float32)[0]
