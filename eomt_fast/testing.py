@@ -1,10 +1,16 @@
-"""Helpers for tests and benchmarks: random-weight transformers EoMT models to compare against.
+"""Helpers for tests and benchmarks: random-weight transformers EoMT models to compare against, and the
+shared checks of the Triton kernel tests (error bounds against float64, seeded inputs, AOT compiles).
 
-Needs transformers (the ``test`` extra). Nothing here downloads anything.
+``random_hf_model`` needs transformers (the ``test`` extra). Nothing here downloads anything.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -68,3 +74,70 @@ def random_hf_model(
         model.attn_mask_probs.copy_(torch.tensor(attn_mask_probs, dtype=model.attn_mask_probs.dtype))
     model.set_attn_implementation(attn_implementation or register_oracle_attention())
     return model.to(dtype)
+
+
+# ---- Triton kernel tests ---------------------------------------------------------------------------------
+
+DTYPE_IDS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}  # pytest ids per dtype
+ERROR_FLOOR = {torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}  # x max |exact|
+
+
+def upcast(args: Sequence[Any]) -> tuple:
+    """The arguments of an op with every tensor in float64 (the exact computation's inputs)."""
+    return tuple(a.double() if torch.is_tensor(a) else a for a in args)
+
+
+def normal_sampler(generator: torch.Generator, dtype: torch.dtype, device="cpu") -> Callable[..., torch.Tensor]:
+    """``rnd(*shape, std=1.0, mean=0.0)``: N(mean, std^2) samples drawn from ``generator`` (on the CPU, so the
+    values do not depend on the device), then moved to ``device`` and ``dtype``."""
+
+    def rnd(*shape: int, std: float = 1.0, mean: float = 0.0) -> torch.Tensor:
+        return (torch.randn(*shape, generator=generator) * std + mean).to(device=device, dtype=dtype)
+
+    return rnd
+
+
+def assert_close(ours: torch.Tensor, theirs: torch.Tensor, exact: torch.Tensor) -> None:
+    """ours (the kernel) and theirs (PyTorch in the same dtype) against exact (float64): ours has exact's
+    shape, theirs' dtype, no non-finite element, and max |ours - exact| <= 2 x max |theirs - exact| + a tiny
+    floor (``ERROR_FLOOR[dtype]`` x max |exact|)."""
+    assert ours.shape == exact.shape, (ours.shape, exact.shape)
+    assert ours.dtype == theirs.dtype, (ours.dtype, theirs.dtype)
+    assert torch.isfinite(ours).all(), "non-finite output (an element left unwritten?)"
+    ours_err = (ours.double() - exact).abs().max().item()
+    theirs_err = (theirs.double() - exact).abs().max().item()
+    floor = ERROR_FLOOR[ours.dtype] * exact.abs().max().item()
+    assert ours_err <= 2 * theirs_err + floor, f"error {ours_err:.3g} > 2 x torch's {theirs_err:.3g} + {floor:.3g}"
+
+
+def assert_close_to_ref(ours: torch.Tensor, ref: Callable[..., torch.Tensor], args: Sequence[Any]) -> None:
+    """``assert_close`` with theirs = ref(*args) and exact = ref on the float64 arguments."""
+    assert_close(ours, ref(*args), ref(*upcast(args)))
+
+
+# In a subprocess without TRITON_INTERPRET: under the interpreter @triton.jit gives functions that cannot be
+# compiled. fp16 compiles to the same code as bf16 with another element type, so the fp16 specs are left out
+# (eomt-fast check-kernels compiles every spec for sm_80 and sm_90).
+_AOT_SM90_SCRIPT = """
+import dataclasses, json
+from eomt_fast import aot
+from eomt_fast.kernels import {module}
+for spec in {module}.AOT_SPECS:
+    if "fp16" not in spec.name:
+        report = aot.compile_spec(spec, 90)
+        print(json.dumps(dict(dataclasses.asdict(report), ok=report.ok, line=report.line())))
+"""
+
+
+def compile_aot_specs_sm90(module: str) -> list[dict[str, Any]]:
+    """Compile every non-fp16 ``AOT_SPECS`` entry of ``eomt_fast.kernels.<module>`` for sm_90 (no GPU needed)
+    and assert that each one is ok (no spills, wgmma where it needs it). Returns the reports as dicts: the
+    ``CompileReport`` fields plus ``ok`` and ``line``."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", _AOT_SM90_SCRIPT.format(module=module)], capture_output=True,
+                            text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    reports = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    failed = [r["line"] for r in reports if not r["ok"]]
+    assert not failed, "\n".join(failed)
+    return reports

@@ -61,6 +61,17 @@ from . import gemm as _gemm  # noqa: E402
 from .linear import _check, _flat, _out  # noqa: E402
 
 
+def _launch(x, ln, fc1_weight, fc1_bias, fc2_weight, fc2_bias, scale, out, ln_mode, split_k, config, **fc1_epilogue):
+    """The two GEMMs of either sublayer: h = epilogue(LN(x) @ W1^T + b1), then y = x + (h @ W2^T + b2) * scale
+    into ``out`` (checked, or a new tensor like x); ``fc1_epilogue`` the activation (and glu) of the first."""
+    _check(x, fc1_weight, fc2_weight)
+    y = _out(x, x.shape[-1], out)
+    x2 = _flat(x)
+    h = _gemm.gemm(x2, fc1_weight, fc1_bias, **fc1_epilogue, ln=ln, ln_mode=ln_mode, config=config)
+    _gemm.gemm(h, fc2_weight, fc2_bias, scale=scale, residual=x2, out=_flat(y), split_k=split_k, config=config)
+    return y
+
+
 def layernorm_mlp_forward(
     x: torch.Tensor,
     ln_weight: torch.Tensor,
@@ -79,13 +90,8 @@ def layernorm_mlp_forward(
 ) -> torch.Tensor:
     """Triton ``layernorm_mlp_ref``. ``ln_mode`` "separate" / "prologue" (default ``gemm.DEFAULT_LN_MODE``),
     ``split_k`` for fc2 (N = C gives few tiles at batch 1), ``config`` a fixed tile for both GEMMs."""
-    _check(x, fc1_weight, fc2_weight)
-    y = _out(x, x.shape[-1], out)
-    x2 = _flat(x)
-    h = _gemm.gemm(x2, fc1_weight, fc1_bias, activation="gelu", ln=(ln_weight, ln_bias, eps), ln_mode=ln_mode,
-                   config=config)
-    _gemm.gemm(h, fc2_weight, fc2_bias, scale=scale, residual=x2, out=_flat(y), split_k=split_k, config=config)
-    return y
+    return _launch(x, (ln_weight, ln_bias, eps), fc1_weight, fc1_bias, fc2_weight, fc2_bias, scale, out, ln_mode,
+                   split_k, config, activation="gelu")
 
 
 def layernorm_swiglu_forward(
@@ -106,13 +112,8 @@ def layernorm_swiglu_forward(
 ) -> torch.Tensor:
     """Triton ``layernorm_swiglu_ref``: gate_up_weight rows [0, H) are the gate, [H, 2H) the up projection;
     silu(gate) * up is the epilogue of that one GEMM. Options as ``layernorm_mlp_forward``."""
-    _check(x, gate_up_weight, down_weight)
-    y = _out(x, x.shape[-1], out)
-    x2 = _flat(x)
-    h = _gemm.gemm(x2, gate_up_weight, gate_up_bias, activation="silu", glu=True, ln=(ln_weight, ln_bias, eps),
-                   ln_mode=ln_mode, config=config)
-    _gemm.gemm(h, down_weight, down_bias, scale=scale, residual=x2, out=_flat(y), split_k=split_k, config=config)
-    return y
+    return _launch(x, (ln_weight, ln_bias, eps), gate_up_weight, gate_up_bias, down_weight, down_bias, scale, out,
+                   ln_mode, split_k, config, activation="silu", glu=True)
 
 
 # Registered ops: opaque to torch.compile (fullgraph) and safe under CUDA graphs (no host syncs; the

@@ -36,3 +36,11 @@ def poison_(t: torch.Tensor) -> torch.Tensor:
 @pytest.fixture
 def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    """Each torch.compile(fullgraph=True) of a custom op adds a cache entry to one shared Dynamo wrapper
+    whose recompile limit is 8; without a reset, the 9th compiling test in a session fails."""
+    yield
+    torch._dynamo.reset()

@@ -19,9 +19,9 @@ from eomt_fast.kernels.attention import (
     masked_attention_fwd,
     pack_query_patch_mask,
 )
+from eomt_fast.testing import DTYPE_IDS, compile_aot_specs_sm90
 from tests.conftest import poison_
 
-DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 MASK_KINDS = ("none", "rand", "true", "false", "onecol", "perbatch", "blocky")
 
 
@@ -73,7 +73,7 @@ class Case:
     @property
     def id(self) -> str:
         return (f"B{self.batch}-S{self.seq_len}-H{self.heads}-D{self.head_dim}-Q{self.queries}-R{self.registers}"
-                f"-{DTYPE_NAMES[self.dtype]}-{self.mask}")
+                f"-{DTYPE_IDS[self.dtype]}-{self.mask}")
 
     @property
     def patch_start(self) -> int:
@@ -287,33 +287,11 @@ def test_dispatch_routes_attention_here():
     assert triton_ops()["attention"] is masked_attention
 
 
-# In a subprocess without TRITON_INTERPRET: under the interpreter @triton.jit gives functions that cannot
-# be compiled. fp16 compiles to the same code as bf16 with another element type, so bf16 stands for
-# both here (eomt-fast check-kernels compiles every spec for sm_80 and sm_90).
-AOT_SCRIPT = """
-import dataclasses, json
-from eomt_fast import aot
-from eomt_fast.kernels import attention
-for spec in attention.AOT_SPECS:
-    if "fp16" not in spec.name:
-        report = aot.compile_spec(spec, 90)
-        print(json.dumps(dict(dataclasses.asdict(report), ok=report.ok, line=report.line())))
-"""
-
-
 def test_aot_sm90_no_spills_and_wgmma():
-    import json
-    import os
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", AOT_SCRIPT], capture_output=True, text=True, env=env, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    reports = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    """Every bf16 AOT spec compiles for sm_90 without spills, in a subprocess without the interpreter (fp16
+    compiles to the same code as bf16 with another element type, so bf16 stands for both here)."""
+    reports = compile_aot_specs_sm90("attention")
     assert len(reports) == 2 * len(AOT_CONFIGS) + 1
-    failed = [r["line"] for r in reports if not r["ok"]]
-    assert not failed, "\n".join(failed)
     for r in reports:
         if r["name"] != "attention_pack_mask":
             assert r["needs_wgmma"] and r["wgmma"], r["line"]  # every main configuration: 64 rows a warpgroup

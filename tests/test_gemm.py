@@ -15,22 +15,11 @@ import torch.nn.functional as F
 
 from eomt_fast.kernels import gemm as G
 
+from eomt_fast.testing import DTYPE_IDS, assert_close, normal_sampler
 from tests.conftest import poison_
 
 GPU = torch.cuda.is_available()
 DTYPES = [torch.float32, torch.float16]
-DTYPE_IDS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-FLOOR = {torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}  # x max |exact|
-
-
-def assert_close(ours: torch.Tensor, theirs: torch.Tensor, exact: torch.Tensor) -> None:
-    """ours (the kernel) and theirs (PyTorch in the same dtype) against exact (float64)."""
-    assert ours.shape == exact.shape, (ours.shape, exact.shape)
-    assert torch.isfinite(ours).all(), "non-finite output (an element left unwritten?)"
-    ours_err = (ours.double() - exact).abs().max().item()
-    theirs_err = (theirs.double() - exact).abs().max().item()
-    floor = FLOOR[ours.dtype] * exact.abs().max().item()
-    assert ours_err <= 2 * theirs_err + floor, f"error {ours_err:.3g} > 2 x torch's {theirs_err:.3g} + {floor:.3g}"
 
 
 def gemm_ref(a, w, bias=None, activation="none", glu=False, scale=None, residual=None, ln=None):
@@ -52,11 +41,7 @@ def gemm_ref(a, w, bias=None, activation="none", glu=False, scale=None, residual
 
 
 def make(m, k, n, dtype, *, glu=False, bias=True, scale=False, residual=False, ln=False, seed=0, device="cpu"):
-    g = torch.Generator().manual_seed(seed)
-
-    def rnd(*shape, std=1.0, mean=0.0):
-        return (torch.randn(*shape, generator=g) * std + mean).to(device=device, dtype=dtype)
-
+    rnd = normal_sampler(torch.Generator().manual_seed(seed), dtype, device)
     rows = 2 * n if glu else n
     kw = dict(bias=rnd(rows, std=0.1) if bias else None, scale=rnd(n, std=0.5, mean=0.2) if scale else None,
               residual=rnd(m, n) if residual else None,

@@ -18,10 +18,8 @@ from eomt_fast.kernels.layernorm_mlp import (
     layernorm_swiglu_forward,
     layernorm_swiglu_ref,
 )
+from eomt_fast.testing import DTYPE_IDS, assert_close_to_ref, normal_sampler
 from tests.conftest import poison_
-
-DTYPE_IDS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-FLOOR = {torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}  # x max |exact|
 
 
 def swiglu_hidden(c: int, mlp_ratio: float = 4.0) -> int:
@@ -30,30 +28,13 @@ def swiglu_hidden(c: int, mlp_ratio: float = 4.0) -> int:
 
 def make_inputs(tokens: int, c: int, swiglu: bool, dtype, device="cpu", seed=0, batch=None):
     """Arguments of the op: x (batch, tokens, C) or (tokens, C), LN, fc1, fc2 and LayerScale parameters."""
-    g = torch.Generator().manual_seed(seed)
-
-    def rnd(*shape, std=1.0, mean=0.0):
-        return (torch.randn(*shape, generator=g) * std + mean).to(device=device, dtype=dtype)
-
+    rnd = normal_sampler(torch.Generator().manual_seed(seed), dtype, device)
     hidden = swiglu_hidden(c) if swiglu else 4 * c
     rows = 2 * hidden if swiglu else hidden
     x = rnd(*((batch,) if batch else ()), tokens, c, mean=0.5)
     return (x, rnd(c, std=0.1, mean=1.0), rnd(c, std=0.1), 1e-6,
             rnd(rows, c, std=c**-0.5), rnd(rows, std=0.1), rnd(c, hidden, std=hidden**-0.5), rnd(c, std=0.1),
             rnd(c, std=0.1, mean=0.5))
-
-
-def upcast(args):
-    return tuple(a.double() if torch.is_tensor(a) else a for a in args)
-
-
-def assert_close(ours, theirs, exact):
-    assert ours.shape == exact.shape and ours.dtype == theirs.dtype
-    assert torch.isfinite(ours).all(), "non-finite output (an element left unwritten?)"
-    ours_err = (ours.double() - exact).abs().max().item()
-    theirs_err = (theirs.double() - exact).abs().max().item()
-    floor = FLOOR[ours.dtype] * exact.abs().max().item()
-    assert ours_err <= 2 * theirs_err + floor, f"error {ours_err:.3g} > 2 x torch's {theirs_err:.3g} + {floor:.3g}"
 
 
 OPS = {"mlp": (layernorm_mlp_forward, layernorm_mlp_ref), "swiglu": (layernorm_swiglu_forward, layernorm_swiglu_ref)}
@@ -72,7 +53,7 @@ def test_layernorm_mlp_matches_reference(op, shape, dtype, ln_mode):
     args = make_inputs(*shape, swiglu=op == "swiglu", dtype=dtype)
     out = poison_(torch.empty_like(args[0]))
     assert forward(*args, out=out, ln_mode=ln_mode) is out
-    assert_close(out, ref(*args), ref(*upcast(args)))
+    assert_close_to_ref(out, ref, args)
 
 
 @pytest.mark.parametrize("op", OPS)
@@ -82,10 +63,10 @@ def test_layernorm_mlp_batched_split_k(op):
     args = make_inputs(37, 48, swiglu=op == "swiglu", dtype=torch.float16, batch=3, seed=5)
     out = poison_(torch.empty_like(args[0]))
     forward(*args, out=out, split_k=2)
-    assert_close(out, ref(*args), ref(*upcast(args)))
+    assert_close_to_ref(out, ref, args)
     out = poison_(torch.empty_like(args[0]))
     forward(*args, out=out, config=gemm.GemmConfig(32, 32, 32, 2, 4, 1, 1))
-    assert_close(out, ref(*args), ref(*upcast(args)))
+    assert_close_to_ref(out, ref, args)
 
 
 @pytest.mark.parametrize("name", ["layernorm_mlp", "layernorm_swiglu"])
@@ -96,7 +77,7 @@ def test_registered_op(name):
     args = make_inputs(5, 32, swiglu=name == "layernorm_swiglu", dtype=torch.float32, batch=2)
     torch.library.opcheck(op, args)
     ref = layernorm_swiglu_ref if name == "layernorm_swiglu" else layernorm_mlp_ref
-    assert_close(op(*args), ref(*args), ref(*upcast(args)))
+    assert_close_to_ref(op(*args), ref, args)
 
 
 def test_compiles_fullgraph():
@@ -136,7 +117,7 @@ def test_layernorm_mlp_real_shapes_gpu(op, shape, dtype, ln_mode):
     args = make_inputs(tokens, c, swiglu=op == "swiglu", dtype=dtype, device="cuda", batch=batch)
     out = poison_(torch.empty_like(args[0]))
     forward(*args, out=out, ln_mode=ln_mode)
-    assert_close(out, ref(*args), ref(*upcast(args)))
+    assert_close_to_ref(out, ref, args)
 
 
 @pytest.mark.gpu
@@ -154,4 +135,4 @@ def test_cuda_graph_and_inductor_gpu(op):
         captured = TRITON_OPS[name](*args)
     args[0].copy_(torch.randn_like(args[0]))
     graph.replay()
-    assert_close(captured, ref(*args), ref(*upcast(args)))
+    assert_close_to_ref(captured, ref, args)

@@ -19,18 +19,12 @@ from eomt_fast.kernels.linear import (
     mask_head_forward,
     mask_head_ref,
 )
+from eomt_fast.testing import DTYPE_IDS, assert_close, assert_close_to_ref, normal_sampler
 from tests.conftest import poison_
-
-DTYPE_IDS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-FLOOR = {torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}  # x max |exact|
 
 
 def make_inputs(op: str, tokens: int, c: int, dtype, device="cpu", seed=0, batch=None, bias=True):
-    g = torch.Generator().manual_seed(seed)
-
-    def rnd(*shape, std=1.0, mean=0.0):
-        return (torch.randn(*shape, generator=g) * std + mean).to(device=device, dtype=dtype)
-
+    rnd = normal_sampler(torch.Generator().manual_seed(seed), dtype, device)
     x = rnd(*((batch,) if batch else ()), tokens, c, mean=0.5)
     if op == "layernorm_qkv":
         return (x, rnd(c, std=0.1, mean=1.0), rnd(c, std=0.1), 1e-6, rnd(3 * c, c, std=c**-0.5),
@@ -39,19 +33,6 @@ def make_inputs(op: str, tokens: int, c: int, dtype, device="cpu", seed=0, batch
         return (x, rnd(c, c, std=c**-0.5), rnd(c, std=0.1) if bias else None, rnd(c, std=0.1, mean=0.5),
                 rnd(*x.shape))
     return (x, *(t for _ in range(3) for t in (rnd(c, c, std=c**-0.5), rnd(c, std=0.1))))
-
-
-def upcast(args):
-    return tuple(a.double() if torch.is_tensor(a) else a for a in args)
-
-
-def assert_close(ours, theirs, exact):
-    assert ours.shape == exact.shape and ours.dtype == theirs.dtype
-    assert torch.isfinite(ours).all(), "non-finite output (an element left unwritten?)"
-    ours_err = (ours.double() - exact).abs().max().item()
-    theirs_err = (theirs.double() - exact).abs().max().item()
-    floor = FLOOR[ours.dtype] * exact.abs().max().item()
-    assert ours_err <= 2 * theirs_err + floor, f"error {ours_err:.3g} > 2 x torch's {theirs_err:.3g} + {floor:.3g}"
 
 
 OPS = {
@@ -70,7 +51,7 @@ def run(op, args, **options):
     x = args[0]
     out = poison_(x.new_empty(*x.shape[:-1], OUT_FEATURES[op] * x.shape[-1]))
     assert forward(*args, out=out, **options) is out
-    assert_close(out, ref(*args), ref(*upcast(args)))
+    assert_close_to_ref(out, ref, args)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=DTYPE_IDS.get)

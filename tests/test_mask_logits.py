@@ -10,10 +10,6 @@ Without CUDA the kernels run in Triton's interpreter (fp32 and fp16) at small, a
 tests use EoMT-L/640 (Q 200, C 1024, g 40, 160 x 160 pixels) in bf16, fp16 and fp32.
 """
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -28,10 +24,8 @@ from eomt_fast.kernels.mask_logits import (
     mask_logits_forward,
     mask_logits_ref,
 )
+from eomt_fast.testing import DTYPE_IDS, assert_close, compile_aot_specs_sm90
 from tests.conftest import poison_
-
-DTYPE_IDS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-FLOOR = {torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}  # x max |exact|
 
 
 def make_inputs(batch, queries, channels, height, width, dtype, device="cpu", seed=0):
@@ -39,15 +33,6 @@ def make_inputs(batch, queries, channels, height, width, dtype, device="cpu", se
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(batch, queries, channels, generator=g).to(device=device, dtype=dtype),
             torch.randn(batch, height, width, channels, generator=g).to(device=device, dtype=dtype))
-
-
-def assert_close(ours, theirs, exact):
-    assert ours.shape == exact.shape and ours.dtype == theirs.dtype
-    assert torch.isfinite(ours).all(), "non-finite output (an element left unwritten?)"
-    ours_err = (ours.double() - exact).abs().max().item()
-    theirs_err = (theirs.double() - exact).abs().max().item()
-    floor = FLOOR[ours.dtype] * exact.abs().max().item()
-    assert ours_err <= 2 * theirs_err + floor, f"error {ours_err:.3g} > 2 x torch's {theirs_err:.3g} + {floor:.3g}"
 
 
 # ---- mask_logits ------------------------------------------------------------------------------------------
@@ -211,28 +196,10 @@ def test_invalid_inputs():
         grid_attention_mask_forward(embeddings, pixels, 2, out=torch.empty(1, 3, 5, dtype=torch.bool))
 
 
-AOT_SCRIPT = """
-import dataclasses, json
-from eomt_fast import aot
-from eomt_fast.kernels import mask_logits
-for spec in mask_logits.AOT_SPECS:
-    if "fp16" not in spec.name:
-        report = aot.compile_spec(spec, 90)
-        print(json.dumps(dict(dataclasses.asdict(report), ok=report.ok, line=report.line())))
-"""
-
-
 def test_aot_sm90_no_spills_and_wgmma():
     """Every bf16/fp32 AOT spec compiles for sm_90 without spills, the 16-bit ones with wgmma. In a
     subprocess: under TRITON_INTERPRET the kernels are interpreter functions, not compilable ones."""
-    import json
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", AOT_SCRIPT], capture_output=True, text=True, env=env, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    reports = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
-    failed = [r["line"] for r in reports if not r["ok"]]
-    assert not failed, "\n".join(failed)
+    reports = compile_aot_specs_sm90("mask_logits")
     names = [r["name"] for r in reports]
     assert any(n.startswith("mask_logits_bf16") for n in names) and any(n.startswith("grid_attention_mask_bf16")
                                                                          for n in names)

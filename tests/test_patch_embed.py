@@ -6,10 +6,6 @@ tests use ViT-S/B/L shapes at 640 x 640 in bf16, fp16 and fp32. Every launch wri
 output. Error bound: ours <= 2 x PyTorch's own error in the same dtype + a tiny floor, both against float64.
 """
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
@@ -20,35 +16,16 @@ from eomt_fast.kernels.patch_embed import (
     patch_embed_into,
     patch_embed_ref,
 )
+from eomt_fast.testing import DTYPE_IDS, assert_close_to_ref, compile_aot_specs_sm90, normal_sampler
 from tests.conftest import poison_
-
-DTYPE_IDS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-FLOOR = {torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}  # x max |exact|
 
 
 def make_inputs(batch, channels, patch, grid, hidden, dtype, device="cpu", seed=0):
     """pixel_values (B, ch, g*p, g*p) ~ N(0, 1), a conv weight of unit output variance, bias, position embedding."""
-    g = torch.Generator().manual_seed(seed)
-
-    def rnd(*shape, std=1.0):
-        return (torch.randn(*shape, generator=g) * std).to(device=device, dtype=dtype)
-
+    rnd = normal_sampler(torch.Generator().manual_seed(seed), dtype, device)
     k = channels * patch * patch
     return (rnd(batch, channels, grid * patch, grid * patch), rnd(hidden, k, std=k**-0.5), rnd(hidden, std=0.1),
             rnd(grid * grid, hidden), patch)
-
-
-def upcast(args):
-    return tuple(a.double() if torch.is_tensor(a) else a for a in args)
-
-
-def assert_close(ours, theirs, exact):
-    assert ours.shape == exact.shape and ours.dtype == theirs.dtype
-    assert torch.isfinite(ours).all(), "non-finite output (an element left unwritten?)"
-    ours_err = (ours.double() - exact).abs().max().item()
-    theirs_err = (theirs.double() - exact).abs().max().item()
-    floor = FLOOR[ours.dtype] * exact.abs().max().item()
-    assert ours_err <= 2 * theirs_err + floor, f"error {ours_err:.3g} > 2 x torch's {theirs_err:.3g} + {floor:.3g}"
 
 
 def run(args, out=None):
@@ -56,7 +33,7 @@ def run(args, out=None):
     if out is None:
         out = poison_(weight.new_empty(pixel_values.shape[0], pos.shape[0], weight.shape[0]))
     assert patch_embed_forward(*args, out=out) is out
-    assert_close(out, patch_embed_ref(*args), patch_embed_ref(*upcast(args)))
+    assert_close_to_ref(out, patch_embed_ref, args)
     return out
 
 
@@ -122,30 +99,11 @@ def test_invalid_inputs():
         patch_embed_forward(pixel_values, weight, bias, pos, 4, out=torch.empty(1, 4, 15))
 
 
-# In a subprocess without TRITON_INTERPRET: under the interpreter @triton.jit gives functions that cannot be
-# compiled. fp16 compiles to the same code as bf16, so bf16 and fp32 stand for all here (eomt-fast
-# check-kernels compiles every spec for sm_80 and sm_90).
-AOT_SCRIPT = """
-import dataclasses, json
-from eomt_fast import aot
-from eomt_fast.kernels import patch_embed
-for spec in patch_embed.AOT_SPECS:
-    if "fp16" not in spec.name:
-        report = aot.compile_spec(spec, 90)
-        print(json.dumps(dict(dataclasses.asdict(report), ok=report.ok, line=report.line())))
-"""
-
-
 def test_aot_sm90_no_spills_and_wgmma():
-    import json
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", AOT_SCRIPT], capture_output=True, text=True, env=env, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    reports = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    """Every bf16/fp32 AOT spec compiles for sm_90 without spills (in a subprocess, without the interpreter;
+    fp16 compiles to the same code as bf16, so bf16 and fp32 stand for all here)."""
+    reports = compile_aot_specs_sm90("patch_embed")
     assert reports
-    failed = [r["line"] for r in reports if not r["ok"]]
-    assert not failed, "\n".join(failed)
     for r in reports:
         assert r["wgmma"] == ("fp32" not in r["name"]), r["line"]  # 16-bit tiles on wgmma; fp32 runs "ieee" FMA
 

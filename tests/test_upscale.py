@@ -7,10 +7,6 @@ launch writes into a NaN-poisoned output. Error bound: ours <= 2 x PyTorch's own
 a tiny floor, both against float64.
 """
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -24,10 +20,16 @@ from eomt_fast.kernels.upscale import (
     upscale_block_forward,
     upscale_block_ref,
 )
+from eomt_fast.testing import (
+    DTYPE_IDS,
+    assert_close,
+    assert_close_to_ref,
+    compile_aot_specs_sm90,
+    normal_sampler,
+    upcast,
+)
 from tests.conftest import poison_
 
-DTYPE_IDS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-FLOOR = {torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}  # x max |exact|
 EPS = 1e-6  # EomtLayerNorm2d's eps
 
 
@@ -38,9 +40,7 @@ def make_weights(channels, dtype, device="cpu", seed=0):
     def uniform(*shape, bound):
         return ((torch.rand(*shape, generator=g) * 2 - 1) * bound).to(device=device, dtype=dtype)
 
-    def rnd(*shape, std=1.0, mean=0.0):
-        return (torch.randn(*shape, generator=g) * std + mean).to(device=device, dtype=dtype)
-
+    rnd = normal_sampler(g, dtype, device)
     return (prepare_convt_weight(uniform(channels, channels, 2, 2, bound=channels**-0.5)), rnd(channels, std=0.1),
             uniform(channels, 1, 3, 3, bound=1 / 3), rnd(channels, std=0.1, mean=1.0), rnd(channels, std=0.1))
 
@@ -51,25 +51,12 @@ def make_inputs(batch, height, width, channels, dtype, device="cpu", seed=0):
     return (x, *make_weights(channels, dtype, device, seed), EPS)
 
 
-def upcast(args):
-    return tuple(a.double() if torch.is_tensor(a) else a for a in args)
-
-
-def assert_close(ours, theirs, exact):
-    assert ours.shape == exact.shape and ours.dtype == theirs.dtype
-    assert torch.isfinite(ours).all(), "non-finite output (an element left unwritten?)"
-    ours_err = (ours.double() - exact).abs().max().item()
-    theirs_err = (theirs.double() - exact).abs().max().item()
-    floor = FLOOR[ours.dtype] * exact.abs().max().item()
-    assert ours_err <= 2 * theirs_err + floor, f"error {ours_err:.3g} > 2 x torch's {theirs_err:.3g} + {floor:.3g}"
-
-
 def run(args, **options):
     x = args[0]
     batch, height, width, _ = x.shape
     out = poison_(x.new_empty(batch, 2 * height, 2 * width, args[1].shape[-1]))
     assert upscale_block_forward(*args, out=out, **options) is out
-    assert_close(out, upscale_block_ref(*args), upscale_block_ref(*upcast(args)))
+    assert_close_to_ref(out, upscale_block_ref, args)
 
 
 # (B, H, W, C): input pixels and channels of one block
@@ -170,28 +157,10 @@ def test_invalid_inputs():
         upscale_block_forward(x, wt, b, dw[:, :, :2], lnw, lnb, eps)
 
 
-AOT_SCRIPT = """
-import dataclasses, json
-from eomt_fast import aot
-from eomt_fast.kernels import upscale
-for spec in upscale.AOT_SPECS:
-    if "fp16" not in spec.name:
-        report = aot.compile_spec(spec, 90)
-        print(json.dumps(dict(dataclasses.asdict(report), ok=report.ok, line=report.line())))
-"""
-
-
 def test_aot_sm90_no_spills_and_wgmma():
     """Every bf16/fp32 AOT spec compiles for sm_90 without spills, the 16-bit ConvT GEMMs with wgmma. In a
     subprocess: under TRITON_INTERPRET the kernels are interpreter functions, not compilable ones."""
-    import json
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", AOT_SCRIPT], capture_output=True, text=True, env=env, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    reports = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
-    failed = [r["line"] for r in reports if not r["ok"]]
-    assert not failed, "\n".join(failed)
+    reports = compile_aot_specs_sm90("upscale")
     convt = [r for r in reports if r["name"].startswith("upscale_convt_gelu_bf16")]
     assert convt and all(r["wgmma"] for r in convt)
     assert any(r["name"].startswith("upscale_dwconv_layernorm") for r in reports)
