@@ -260,11 +260,9 @@ def _selected_impls(args: argparse.Namespace, device: torch.device) -> tuple[lis
     return names, notes
 
 
-def run(args: argparse.Namespace) -> int:
-    if getattr(args, "e2e", False):
-        return run_e2e(args)
-    if args.masking is None:
-        args.masking = "both"
+def _setup(args: argparse.Namespace):
+    """What both modes start from: the harness, device, dtype (bf16 on CUDA, fp32 on a CPU), thread count,
+    and the model config with its name in the results."""
     harness = load_harness()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = parse_dtype(args.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -276,6 +274,15 @@ def run(args: argparse.Namespace) -> int:
     else:
         config = preset_config(args.model)
         model_name = args.model
+    return harness, device, dtype, config, model_name
+
+
+def run(args: argparse.Namespace) -> int:
+    if getattr(args, "e2e", False):
+        return run_e2e(args)
+    if args.masking is None:
+        args.masking = "both"
+    harness, device, dtype, config, model_name = _setup(args)
     if any(b < 1 for b in args.batch):
         raise ValueError(f"batch sizes must be >= 1, got {args.batch}")
     names, notes = _selected_impls(args, device)
@@ -751,17 +758,7 @@ def e2e_notes(device: torch.device) -> list[str]:
 
 def run_e2e(args: argparse.Namespace) -> int:
     """``eomt-fast bench --e2e``: decoded images -> segments, eomt_fast against transformers."""
-    harness = load_harness()
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = parse_dtype(args.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.config:
-        config = EomtFastConfig.from_json_file(args.config)
-        model_name = f"config:{Path(args.config).resolve().parent.name}/{Path(args.config).name}"
-    else:
-        config = preset_config(args.model)
-        model_name = args.model
+    harness, device, dtype, config, model_name = _setup(args)
     try:
         width, height = (int(v) for v in args.image_size.lower().split("x"))
     except ValueError:
