@@ -17,7 +17,8 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
-from .dispatch import KERNEL_MODULES  # noqa: E402  (one list of kernel files)
+from .dispatch import KERNEL_MODULES  # the one list of kernel files
+
 ARCHS = (80, 90)
 
 
