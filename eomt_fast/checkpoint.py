@@ -226,6 +226,17 @@ def to_hf_state_dict(weights: dict[str, torch.Tensor], config: EomtFastConfig) -
 
 
 # ---- files --------------------------------------------------------------------------------------
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "data" / "default_model"
+
+
+def default_model_dir() -> Path:
+    """The bundled default model: a small EoMT trained on generated scenes (``tools/train_default_model.py``)."""
+    if not (DEFAULT_MODEL_DIR / CONFIG_NAME).is_file():
+        raise FileNotFoundError(f"the bundled default model is missing from {DEFAULT_MODEL_DIR} (an install without "
+                                "package data?); pass --model DIR")
+    return DEFAULT_MODEL_DIR
+
+
 def resolve_directory(path_or_hub_id: str | os.PathLike) -> Path:
     """A local directory, or a Hub id fetched with huggingface_hub (needs the Hub to be reachable)."""
     path = Path(os.fspath(path_or_hub_id)).expanduser()

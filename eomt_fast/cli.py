@@ -111,6 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
     segment_parser = sub.add_parser("segment", help="segment image files: label PNG, overlay PNG and JSON per image")
     segment.add_arguments(segment_parser)
     segment_parser.set_defaults(func=segment.run)
+
+    from . import evaluate  # the evaluate subcommand: eomt_fast/evaluate.py
+
+    evaluate_parser = sub.add_parser("evaluate", help="panoptic quality (PQ) on held-out generated scenes")
+    evaluate.add_arguments(evaluate_parser)
+    evaluate_parser.set_defaults(func=evaluate.run)
     return parser
 
 

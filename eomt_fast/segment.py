@@ -347,8 +347,9 @@ class Progress:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", metavar="IMAGES_OR_FOLDERS",
                         help="image files, or folders searched recursively for images")
-    parser.add_argument("--model", required=True,
-                        help="model directory (config.json + weights) or Hub id; required until a default model exists")
+    parser.add_argument("--model", default=None,
+                        help="model directory (config.json + weights) or Hub id (default: the bundled model "
+                             "trained on generated scenes of shapes and textures, 128 px)")
     parser.add_argument("--task", default="panoptic", choices=["panoptic", "instance", "semantic"])
     parser.add_argument("--out", required=True, help="output folder (created if missing)")
     parser.add_argument("--batch-size", type=int, default=4)
@@ -361,7 +362,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overlap-threshold", type=float, default=0.8,
                         help="overlap_mask_area_threshold: kept share of a query's mask (panoptic)")
     parser.add_argument("--stuff-classes", type=int, nargs="*", default=None,
-                        help="label ids whose queries are fused into one segment (panoptic)")
+                        help="label ids whose queries are fused into one segment (panoptic; default: none, "
+                             "the stripes/checker/dots classes for the bundled model)")
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                         help="threads that read and write images")
     parser.add_argument("--skip-existing", action="store_true",
@@ -394,9 +396,16 @@ def run(args: argparse.Namespace) -> int:
         _require_pillow()
     except ImportError as exc:  # the command line reports RuntimeErrors as one line
         raise RuntimeError(str(exc)) from None
+    from .checkpoint import default_model_dir
     from .model import EomtFastForUniversalSegmentation
     from .processing import EomtFastImageProcessor
 
+    if args.model is None:
+        from .scenes import STUFF_IDS
+
+        args.model = default_model_dir()
+        if args.stuff_classes is None:
+            args.stuff_classes = list(STUFF_IDS)
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     rank, world, local_rank = distributed_env()

@@ -1,0 +1,176 @@
+"""Train the bundled default model: a small EoMT on generated panoptic scenes, on a CPU.
+
+    .venv/bin/python tools/train_default_model.py                 # writes eomt_fast/data/default_model
+    .venv/bin/python tools/train_default_model.py --steps 50 --out /tmp/m   # a quick try
+
+transformers' EomtForUniversalSegmentation and its built-in loss (Hungarian matching, cross-entropy +
+point-sampled mask BCE + dice on every block's prediction) train it from random initialisation on an
+endless stream of ``eomt_fast.scenes`` scenes (training seed 0; the held-out evaluation set uses another
+seed). As in the EoMT paper, masked attention is annealed: each of the ``num_blocks`` masked layers' entry
+of ``attn_mask_probs`` goes from 1 to 0 with a polynomial (power 0.9) schedule, block after block, so the
+final model needs no masking at inference. ``--mid-annealing-out`` also saves the model at the step where
+the last block is half annealed (probabilities strictly between 0 and 1 there): the tests use it to run
+masked attention end to end. Everything is seeded; the log (one line per ``--log-every`` steps, the full
+configuration first) is written next to the weights as train_log.txt. transformers is needed here only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from eomt_fast.processing import EomtFastImageProcessor  # noqa: E402
+from eomt_fast.scenes import DEFAULT_SIZE, ID2LABEL, TRAIN_SEED, make_scene  # noqa: E402
+
+MODEL_SHAPE = dict(hidden_size=128, num_hidden_layers=6, num_attention_heads=2, mlp_ratio=4, patch_size=8,
+                   num_register_tokens=4, num_queries=16, num_blocks=2, num_upscale_blocks=2)
+
+
+def anneal_probs(step: int, steps: int, num_blocks: int, start: float, end: float, power: float = 0.9) -> list[float]:
+    """attn_mask_probs at ``step``: block k anneals 1 -> 0 over its own slice of [start, end) x steps."""
+    probs = []
+    width = (end - start) / num_blocks
+    for k in range(num_blocks):
+        lo, hi = (start + k * width) * steps, (start + (k + 1) * width) * steps
+        if step < lo:
+            probs.append(1.0)
+        elif step >= hi:
+            probs.append(0.0)
+        else:
+            probs.append((1.0 - (step - lo) / (hi - lo)) ** power)
+    return probs
+
+
+def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+
+def batch(step: int, batch_size: int, processor: EomtFastImageProcessor, seed: int):
+    scenes = [make_scene(step * batch_size + j, seed, DEFAULT_SIZE) for j in range(batch_size)]
+    pixel_values = processor.preprocess([s.image for s in scenes]).pixel_values
+    masks, classes = zip(*(s.targets() for s in scenes))
+    return pixel_values, [torch.from_numpy(m).float() for m in masks], [torch.from_numpy(c) for c in classes]
+
+
+def save(model, processor_size: int, out: Path, note: dict) -> None:
+    from transformers import EomtImageProcessor
+
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    EomtImageProcessor(size={"shortest_edge": processor_size, "longest_edge": processor_size},
+                       do_split_image=False, do_pad=True).save_pretrained(out)
+    (out / "training.json").write_text(json.dumps(note, indent=2) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=ROOT / "eomt_fast" / "data" / "default_model")
+    parser.add_argument("--mid-annealing-out", type=Path, default=None)
+    parser.add_argument("--steps", type=int, default=2800)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--warmup", type=int, default=150)
+    parser.add_argument("--weight-decay", type=float, default=0.05)
+    parser.add_argument("--anneal-start", type=float, default=0.4, help="fraction of steps where annealing starts")
+    parser.add_argument("--anneal-end", type=float, default=0.8, help="fraction of steps where every block is 0")
+    parser.add_argument("--train-num-points", type=int, default=4096)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--log-every", type=int, default=25)
+    args = parser.parse_args(argv)
+
+    from transformers import EomtConfig, EomtForUniversalSegmentation, __version__ as hf_version
+
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    config = EomtConfig(image_size=DEFAULT_SIZE, num_labels=len(ID2LABEL), id2label=ID2LABEL,
+                        label2id={v: k for k, v in ID2LABEL.items()}, train_num_points=args.train_num_points,
+                        **MODEL_SHAPE)
+    model = EomtForUniversalSegmentation(config)
+    model.train()
+    processor = EomtFastImageProcessor.from_config(config, "panoptic")
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embeddings" not in n and "query" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embeddings" not in n and "query" not in n)]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    log_path = args.out / "train_log.txt"
+    log = open(log_path, "w", encoding="utf-8")
+
+    def say(line: str) -> None:
+        print(line, flush=True)
+        log.write(line + "\n")
+        log.flush()
+
+    environment = (f"python {platform.python_version()}, torch {torch.__version__}, transformers {hf_version}, "
+                   f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+    say(f"# {' '.join([Path(__file__).name] + (argv if argv is not None else sys.argv[1:]))}")
+    say(f"# {environment}")
+    say(f"# args {json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()})}")
+    say(f"# model {json.dumps(MODEL_SHAPE)}, {sum(p.numel() for p in model.parameters())} parameters")
+    mid_step = None
+    if args.mid_annealing_out is not None:
+        # the step where the last block's probability is nearest 0.5 (strictly between 0 and 1; earlier
+        # blocks are 0 by then)
+        last = [(abs(p[-1] - 0.5), s) for s in range(args.steps)
+                for p in [anneal_probs(s, args.steps, config.num_blocks, args.anneal_start, args.anneal_end)]
+                if 0.0 < p[-1] < 1.0]
+        if not last:
+            parser.error("--mid-annealing-out needs more --steps: no step has the last block half annealed")
+        mid_step = min(last)[1]
+
+    started = time.perf_counter()
+    running: list[float] = []
+    for step in range(args.steps):
+        probs = anneal_probs(step, args.steps, config.num_blocks, args.anneal_start, args.anneal_end)
+        model.attn_mask_probs.copy_(torch.tensor(probs))
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, args.steps, args.lr, args.warmup)
+        pixel_values, mask_labels, class_labels = batch(step, args.batch_size, processor, TRAIN_SEED)
+        loss = model(pixel_values=pixel_values, mask_labels=mask_labels, class_labels=class_labels).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        if not math.isfinite(loss.item()):
+            say(f"step {step}: loss is {loss.item()}, stopping")
+            return 1
+        running.append(loss.item())
+        if (step + 1) % args.log_every == 0 or step == args.steps - 1:
+            elapsed = time.perf_counter() - started
+            say(f"step {step + 1:5d}  loss {np.mean(running):8.4f}  grad {grad_norm.item():7.3f}  "
+                f"lr {optimizer.param_groups[0]['lr']:.2e}  attn_mask_probs {[round(p, 3) for p in probs]}  "
+                f"{elapsed:7.1f} s")
+            running.clear()
+        if mid_step is not None and step == mid_step:
+            model.eval()
+            save(model, DEFAULT_SIZE, args.mid_annealing_out,
+                 {"step": step + 1, "attn_mask_probs": probs, "environment": environment})
+            model.train()
+            say(f"# saved the mid-annealing model (attn_mask_probs {probs}) to {args.mid_annealing_out}")
+
+    model.eval()
+    model.attn_mask_probs.zero_()
+    elapsed = time.perf_counter() - started
+    save(model, DEFAULT_SIZE, args.out, {"steps": args.steps, "seconds": round(elapsed, 1), "environment": environment})
+    say(f"# done: {args.steps} steps of {args.batch_size} scenes in {elapsed / 60:.1f} min; saved to {args.out}")
+    log.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
