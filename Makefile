@@ -23,6 +23,7 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/eomt-fast info
 	$(BIN)/eomt-fast demo
+	$(BIN)/eomt-fast segment examples/scenes --out segmented
 
 info: $(STAMP)
 	$(BIN)/eomt-fast info

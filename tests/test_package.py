@@ -67,6 +67,9 @@ def test_built_wheel_has_no_top_level_kernels(tmp_path):
     top_level = {n.split("/")[0] for n in names}
     assert "kernels" not in top_level, sorted(top_level)
     assert "eomt_fast/kernels/__init__.py" in names and "eomt_fast/kernels/attention.py" in names
+    # the bundled default model is package data
+    for name in ("config.json", "model.safetensors", "preprocessor_config.json", "train_log.txt"):
+        assert f"eomt_fast/data/default_model/{name}" in names, name
     assert top_level <= {"eomt_fast", wheel.name.split("-")[0] + "-" + wheel.name.split("-")[1] + ".dist-info"}, top_level
 
 

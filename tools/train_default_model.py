@@ -12,6 +12,11 @@ final model needs no masking at inference. ``--mid-annealing-out`` also saves th
 the last block is half annealed (probabilities strictly between 0 and 1 there): the tests use it to run
 masked attention end to end. Everything is seeded; the log (one line per ``--log-every`` steps, the full
 configuration first) is written next to the weights as train_log.txt. transformers is needed here only.
+
+The shipped model came from two runs (their commands head the two parts of its train_log.txt):
+    tools/train_default_model.py --mid-annealing-out tests/data/scenes_mid_annealing
+    tools/train_default_model.py --init eomt_fast/data/default_model --first-scene 44800 --steps 1700 \
+        --lr 5e-4 --warmup 50 --anneal-start 0 --anneal-end 0 --class-weight 5
 """
 
 from __future__ import annotations
@@ -58,8 +63,8 @@ def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
     return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
 
-def batch(step: int, batch_size: int, processor: EomtFastImageProcessor, seed: int):
-    scenes = [make_scene(step * batch_size + j, seed, DEFAULT_SIZE) for j in range(batch_size)]
+def batch(first: int, batch_size: int, processor: EomtFastImageProcessor, seed: int):
+    scenes = [make_scene(first + j, seed, DEFAULT_SIZE) for j in range(batch_size)]
     pixel_values = processor.preprocess([s.image for s in scenes]).pixel_values
     masks, classes = zip(*(s.targets() for s in scenes))
     return pixel_values, [torch.from_numpy(m).float() for m in masks], [torch.from_numpy(c) for c in classes]
@@ -79,14 +84,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=ROOT / "eomt_fast" / "data" / "default_model")
     parser.add_argument("--mid-annealing-out", type=Path, default=None)
+    parser.add_argument("--init", type=Path, default=None,
+                        help="continue from this saved model (its log is appended to, not replaced); "
+                             "--anneal-start 0 --anneal-end 0 trains with masking off")
     parser.add_argument("--steps", type=int, default=2800)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--first-scene", type=int, default=0,
+                        help="index of the first training scene (a continued run starts after the scenes seen)")
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--warmup", type=int, default=150)
     parser.add_argument("--weight-decay", type=float, default=0.05)
     parser.add_argument("--anneal-start", type=float, default=0.4, help="fraction of steps where annealing starts")
     parser.add_argument("--anneal-end", type=float, default=0.8, help="fraction of steps where every block is 0")
     parser.add_argument("--train-num-points", type=int, default=4096)
+    parser.add_argument("--class-weight", type=float, default=2.0, help="weight of the classification loss")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--log-every", type=int, default=25)
@@ -98,8 +109,19 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     config = EomtConfig(image_size=DEFAULT_SIZE, num_labels=len(ID2LABEL), id2label=ID2LABEL,
                         label2id={v: k for k, v in ID2LABEL.items()}, train_num_points=args.train_num_points,
+                        class_weight=args.class_weight,
                         **MODEL_SHAPE)
-    model = EomtForUniversalSegmentation(config)
+    if args.init is not None:
+        model = EomtForUniversalSegmentation.from_pretrained(args.init, class_weight=args.class_weight,
+                                                             train_num_points=args.train_num_points)
+        config = model.config
+        if args.out.resolve() == args.init.resolve() and (args.init / "train_log.txt").is_file():
+            previous = (args.init / "train_log.txt").read_text(encoding="utf-8")
+        else:
+            previous = ""
+    else:
+        model = EomtForUniversalSegmentation(config)
+        previous = ""
     model.train()
     processor = EomtFastImageProcessor.from_config(config, "panoptic")
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embeddings" not in n and "query" not in n]
@@ -110,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     log_path = args.out / "train_log.txt"
     log = open(log_path, "w", encoding="utf-8")
+    log.write(previous)
 
     def say(line: str) -> None:
         print(line, flush=True)
@@ -140,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
         model.attn_mask_probs.copy_(torch.tensor(probs))
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, args.steps, args.lr, args.warmup)
-        pixel_values, mask_labels, class_labels = batch(step, args.batch_size, processor, TRAIN_SEED)
+        pixel_values, mask_labels, class_labels = batch(args.first_scene + step * args.batch_size, args.batch_size, processor,
+                                                     TRAIN_SEED)
         loss = model(pixel_values=pixel_values, mask_labels=mask_labels, class_labels=class_labels).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
