@@ -9,12 +9,15 @@
 # shape, so a cut step keeps what it timed). Results merge into bench/results/<date>_<device>.json (.md,
 # .png); logs go to bench/results/<date>_<device>_<step>.log. Run the steps one command each:
 #
-#   tests          pytest -m gpu (the GPU tests), log only
+#   tests          pytest -m gpu (the GPU tests) except tests/test_model_gpu.py, log only
+#   model-tests    pytest -m gpu tests/test_model_gpu.py: ViT-S/B/L models end to end against transformers,
+#                  CUDA graphs, torch.compile, peak memory (builds random ViT-L models: minutes), log only
 #   check-kernels  eomt-fast check-kernels: every Triton kernel compiled for sm_80 and sm_90, log only
 #   model-b1       eomt-fast bench, bf16, batch 1, masking off and on, for ViT-L, ViT-S and ViT-B at 640
 #                  (one command each, L first; each gets what is left of the step's time):
-#                  eomt_fast, transformers eager / sdpa / torch.compile (default mode)
-#   model-b8       the same at batch 8
+#                  eomt_fast, eomt_fast with CUDA graphs, transformers eager / sdpa / torch.compile (default
+#                  mode); every row with its peak CUDA memory (MiB)
+#   model-b8       the same at batch 8 (with model-b1: ViT-L/640 at batch 1 and 8, time and peak memory)
 #   autotune-b1    transformers under torch.compile(mode="max-autotune"), EoMT-L/640, batch 1 (compiling
 #                  takes minutes)
 #   autotune-b8    the same at batch 8
@@ -57,12 +60,12 @@ STEP_TIMEOUT=${STEP_TIMEOUT:-570}
 KERNEL_FILTER=${KERNEL_FILTER-eomt-l-640}
 STEPS=("$@")
 [ ${#STEPS[@]} -eq 0 ] && STEPS=(all)
-ALL=(tests check-kernels model-b1 model-b8 autotune-b1 autotune-b8 e2e attention mlp linear masks predict)
+ALL=(tests model-tests check-kernels model-b1 model-b8 autotune-b1 autotune-b8 e2e attention mlp linear masks predict)
 read -r -a MODELS <<< "${MODELS:-eomt-l-640 eomt-s-640 eomt-b-640}"
 read -r -a E2E_MODELS <<< "${E2E_MODELS:-eomt-l-640 eomt-s-640}"
 CLI=(-P -m eomt_fast.cli)
 MODEL=("${CLI[@]}" bench --dtype bfloat16 --masking both)
-COMPILE_DEFAULT=(--impls eomt_fast transformers-eager transformers-sdpa transformers-compile)
+COMPILE_DEFAULT=(--impls eomt_fast eomt_fast-cuda-graphs transformers-eager transformers-sdpa transformers-compile)
 KERNEL_ARGS=()
 [ -n "$KERNEL_FILTER" ] && KERNEL_ARGS=(--filter "$KERNEL_FILTER")
 # extra arguments for the kernel scripts, e.g. KERNEL_EXTRA="--quick --no-compile" to smoke-test on a CPU
@@ -100,7 +103,8 @@ run_step() {
     step_start=$SECONDS
     {
         case $step in
-            tests)       timeout "$STEP_TIMEOUT" "$PY" -P -m pytest -m gpu -q -rs ;;
+            tests)       timeout "$STEP_TIMEOUT" "$PY" -P -m pytest -m gpu -q -rs --ignore tests/test_model_gpu.py ;;
+            model-tests) timeout "$STEP_TIMEOUT" "$PY" -P -m pytest -m gpu -q -rs tests/test_model_gpu.py ;;
             check-kernels) timeout "$STEP_TIMEOUT" "$PY" "${CLI[@]}" check-kernels ;;
             model-b1)    per_model MODELS "${MODEL[@]}" --batch 1 "${COMPILE_DEFAULT[@]}" ;;
             model-b8)    per_model MODELS "${MODEL[@]}" --batch 8 "${COMPILE_DEFAULT[@]}" ;;

@@ -464,6 +464,8 @@ TOP_LEVEL = {"device": str, "torch": str, "triton": str, "commit": str, "date": 
              "results": list}
 ROW_FIELDS = {"benchmark": str, "model": str, "batch": int, "dtype": str, "masking": bool, "impl": str,
               "median_ms": float, "p20_ms": float, "p80_ms": float}
+# CUDA memory of model rows (eomt_fast/bench.py peak_memory), MiB; absent (or null) on CPU rows
+MEMORY_FIELDS = ("peak_mem_mb", "forward_mem_mb", "weights_mb")
 KEY_FIELDS = ("benchmark", "model", "shape", "batch", "dtype", "masking", "impl")
 MODEL_BASELINES = ("transformers-eager", "transformers-sdpa", "transformers-compile",
                    "transformers-compile-max-autotune")
@@ -494,6 +496,10 @@ def validate(doc: Any) -> None:
                 ok = math.isfinite(value) and value >= 0
             if not ok:
                 raise SchemaError(f"results[{i}].{key} must be {kind.__name__}, got {value!r}")
+        for key in MEMORY_FIELDS:
+            value = row.get(key)
+            if value is not None and not (isinstance(value, float) and math.isfinite(value) and value >= 0):
+                raise SchemaError(f"results[{i}].{key} must be a finite float >= 0 (MiB) or absent, got {value!r}")
         if not row["p20_ms"] <= row["median_ms"] <= row["p80_ms"]:
             raise SchemaError(f"results[{i}]: expected p20 <= median <= p80, got {row['p20_ms']}, "
                               f"{row['median_ms']}, {row['p80_ms']}")
@@ -647,7 +653,7 @@ def render_markdown(doc: dict[str, Any]) -> str:
         ours = speedups(model_rows, "eomt_fast")
         lines += ["## Whole network (forward)", "",
                   "| model | batch | dtype | masking | impl | ms median [p20-p80] | images/s | TFLOP/s | "
-                  "% of matmul ceiling | eomt_fast speedup (its ms / eomt_fast's) | peak MB |",
+                  "% of matmul ceiling | eomt_fast speedup (its ms / eomt_fast's) | peak MiB (CUDA) |",
                   "| --- | ---: | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
         for r in sorted(model_rows, key=lambda r: (_sort_group(r), _impl_order(r["impl"]))):
             sp = ours.get(row_key(r))
@@ -724,7 +730,8 @@ METHOD_TEXT = {
 
 
 def _impl_order(impl: str) -> tuple:
-    order = ["eomt_fast", "triton", *MODEL_BASELINES, "eager", "compile", "compile-max-autotune", "transformers"]
+    order = ["eomt_fast", "eomt_fast-cuda-graphs", "triton", *MODEL_BASELINES, "eager", "compile",
+             "compile-max-autotune", "transformers"]
     return (order.index(impl) if impl in order else len(order), impl)
 
 

@@ -5,13 +5,17 @@ For a model shape (a preset with the real dimensions of a released EoMT, ``tiny`
 times the forward of
 
 - ``eomt_fast``: ``EomtFastForUniversalSegmentation.from_hf`` of the transformers model (backend auto);
+- ``eomt_fast-cuda-graphs`` (CUDA only): the same model through ``eomt_fast.cuda_graphs.CudaGraphs`` (one graph
+  captured per shape and masking setting, replayed; input copied in, outputs cloned out, both timed);
 - ``transformers-eager`` / ``transformers-sdpa``: ``EomtForUniversalSegmentation`` with that attention;
 - ``transformers-compile``: the sdpa model under ``torch.compile`` (default mode), and on a GPU
   ``transformers-compile-max-autotune`` (``mode="max-autotune"``).
 
 Every output is checked first (``check_outputs``) against transformers' sdpa model (in fp32 when the
 benchmark dtype is bf16/fp16); an implementation that disagrees is reported and not timed. Everything runs
-under ``torch.inference_mode``.
+under ``torch.inference_mode``. On CUDA each row also holds the peak memory of one forward (``peak_memory``:
+``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, above what was allocated before the
+call, plus the implementation's weights, in MiB); CPU rows have none.
 
 ``eomt-fast bench --e2e`` times the whole pipeline instead, decoded images in, segments out (``run_e2e``):
 ``eomt_fast`` (EomtFastImageProcessor.preprocess on the model's device -> EomtFastForUniversalSegmentation ->
@@ -62,8 +66,11 @@ PRESETS: dict[str, dict[str, Any]] = {
 PRESETS["tiny"] = dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=2, num_blocks=2, image_size=128,
                        patch_size=16, num_queries=20, num_register_tokens=4, num_labels=10, num_upscale_blocks=2)
 
-IMPLS = ("eomt_fast", "transformers-eager", "transformers-sdpa", "transformers-compile",
+IMPLS = ("eomt_fast", "eomt_fast-cuda-graphs", "transformers-eager", "transformers-sdpa", "transformers-compile",
          "transformers-compile-max-autotune")
+CUDA_ONLY = {"eomt_fast-cuda-graphs": "eomt_fast-cuda-graphs runs on CUDA only (CUDA graphs)",
+             "transformers-compile-max-autotune": "transformers-compile-max-autotune runs on a GPU only "
+                                                  "(mode='max-autotune' tunes GPU kernels)"}
 OUTPUTS = ("masks_queries_logits", "class_queries_logits", "last_hidden_state")
 
 
@@ -157,6 +164,8 @@ class Impl:
     name: str
     prepare: Callable[[], Callable[[torch.Tensor], Any]]  # called before each use: returns forward(x)
     model: torch.nn.Module
+    # called before the peak-memory call: e.g. drops captured CUDA graphs, so that the peak includes a capture
+    fresh: Callable[[], None] | None = None
 
 
 def make_impls(names: list[str], hf: torch.nn.Module, ours: EomtFastForUniversalSegmentation) -> list[Impl]:
@@ -184,8 +193,18 @@ def make_impls(names: list[str], hf: torch.nn.Module, ours: EomtFastForUniversal
 
         return prepare
 
+    graphs: list = []  # the CudaGraphs runner, built on first use (it refuses a CPU model)
+
+    def graphed() -> Callable:
+        if not graphs:
+            from .cuda_graphs import CudaGraphs
+
+            graphs.append(CudaGraphs(ours))
+        return graphs[0]
+
     makers = {
         "eomt_fast": (lambda: ours, ours),
+        "eomt_fast-cuda-graphs": (graphed, ours, lambda: graphed().clear()),
         "transformers-eager": (attention("eager"), hf),
         "transformers-sdpa": (attention("sdpa"), hf),
         "transformers-compile": (compiled_model(None), hf),
@@ -199,8 +218,10 @@ def _param_mb(model: torch.nn.Module) -> float:
 
 
 def peak_memory(forward: Callable, x: torch.Tensor, model: torch.nn.Module) -> dict[str, float]:
-    """CUDA memory of one forward: the most allocated above what was allocated before the call
-    (torch.cuda.max_memory_allocated), plus the model's weights."""
+    """CUDA memory of one forward, MiB: the most allocated during the call above what was allocated before it
+    (torch.cuda.max_memory_allocated after reset_peak_memory_stats; activations, outputs, workspaces), plus
+    the model's weights: the peak of a process that holds this model and the input only (the benchmark keeps
+    other models on the device, which a plain max_memory_allocated would count)."""
     device = x.device
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
@@ -254,9 +275,11 @@ def _selected_impls(args: argparse.Namespace, device: torch.device) -> tuple[lis
     notes = []
     if args.no_compile:
         names = [n for n in names if "compile" not in n]
-    if device.type != "cuda" and "transformers-compile-max-autotune" in names:
-        names.remove("transformers-compile-max-autotune")
-        notes.append("transformers-compile-max-autotune runs on a GPU only (mode='max-autotune' tunes GPU kernels)")
+    if device.type != "cuda":
+        for name, why in CUDA_ONLY.items():
+            if name in names:
+                names.remove(name)
+                notes.append(why)
     return names, notes
 
 
@@ -422,6 +445,8 @@ def time_impls(harness: ModuleType, checked: dict[str, tuple[Impl, Check, float]
         for name, (impl, _, _) in checked.items():
             try:
                 forward = impl.prepare()
+                if impl.fresh is not None:
+                    impl.fresh()
                 extras[name] = peak_memory(forward, x, impl.model)
                 timings[name] = harness.time_call(forward, [(x,)], device, cudagraph=False)
             except Exception as exc:  # out of memory, ...
@@ -452,6 +477,13 @@ def result_notes(notes: list[str], device: torch.device) -> list[str]:
     if device.type == "cpu":
         notes.append("CPU: the eomt_fast rows run the plain-PyTorch fallback of every op; these numbers say nothing "
                      "about GPU speed")
+    else:
+        notes.append("model rows: peak MiB = torch.cuda.max_memory_allocated during one forward (after "
+                     "reset_peak_memory_stats) minus what was allocated before it, plus the implementation's weights; "
+                     "for eomt_fast-cuda-graphs the measured call is a first one (warm-up, capture, replay), so it "
+                     "includes what the captured graph's memory pool keeps")
+        notes.append("eomt_fast-cuda-graphs rows: each timed call copies the input into the graph's static input, "
+                     "replays and clones the outputs (what model(x) costs with cuda_graphs=True)")
     return notes
 
 
@@ -461,13 +493,13 @@ def print_table(rows: list[dict[str, Any]], device: torch.device) -> None:
     ours = next((r["median_ms"] for r in rows if r["impl"] == "eomt_fast"), None)
     mem = device.type == "cuda"
     print(f"  {'impl':<34} {'ms median [p20-p80]':<28} {'img/s':>8} {'TFLOP/s':>8} {'% ceil':>7} "
-          f"{'eomt_fast speedup':>18} {'err':>8}" + (f" {'peak MB':>8}" if mem else ""))
+          f"{'eomt_fast speedup':>18} {'err':>8}" + (f" {'peak MiB':>8}" if mem else ""))
     for r in rows:
         speedup = "" if ours is None or r["impl"] == "eomt_fast" else f"{r['median_ms'] / ours:.2f}x"
         timing = f"{r['median_ms']:.4g} [{r['p20_ms']:.4g}-{r['p80_ms']:.4g}]"
         print(f"  {r['impl']:<34} {timing:<28} {r['images_per_s']:8.3g} {r['tflops']:8.3g} "
               f"{r['pct_matmul_ceiling']:6.1f}% {speedup:>18} {r['max_rel_err']:8.2g}"
-              + (f" {r.get('peak_mem_mb', 0):8.0f}" if mem else ""))
+              + (f" {r['peak_mem_mb']:8.0f}" if mem and r.get("peak_mem_mb") is not None else ""))
 
 
 # ---- end to end: decoded images in, segments out (--e2e) --------------------------------------------------

@@ -4,6 +4,10 @@ Each op has a plain-PyTorch reference in ``eomt_fast.kernels`` (the CPU fallback
 a Triton implementation of an op by listing it in its module-level ``TRITON_OPS`` dict
 (op name -> function with exactly the reference's signature and semantics); ``resolve`` picks, per op,
 the Triton function or the reference for a backend, device and dtype, and says why.
+
+The ops that produce the residual stream (``patch_embed``, ``out_projection``, ``layernorm_mlp``,
+``layernorm_swiglu``) take ``out=``: the model passes a view of its token buffer (for the last two, the
+residual itself), so the stream is written in place and no layer concatenates or copies it.
 """
 
 from __future__ import annotations
@@ -22,12 +26,12 @@ BACKENDS = ("auto", "torch", "triton")
 
 # op name -> (reference function in eomt_fast.kernels, what it computes)
 OPS: dict[str, tuple[str, str]] = {
-    "patch_embed": ("patch_embed_ref", "patch GEMM + bias + position embedding"),
+    "patch_embed": ("patch_embed_ref", "patch GEMM + bias + position embedding, into the token buffer"),
     "layernorm_qkv": ("layernorm_linear_ref", "LN1 + fused QKV projection"),
     "attention": ("attention_ref", "masked query-patch attention"),
-    "out_projection": ("linear_residual_ref", "output projection + LayerScale + residual"),
-    "layernorm_mlp": ("layernorm_mlp_ref", "LN2 + GELU MLP + LayerScale + residual"),
-    "layernorm_swiglu": ("layernorm_swiglu_ref", "LN2 + SwiGLU MLP + LayerScale + residual"),
+    "out_projection": ("linear_residual_ref", "output projection + LayerScale + residual, in place"),
+    "layernorm_mlp": ("layernorm_mlp_ref", "LN2 + GELU MLP + LayerScale + residual, in place"),
+    "layernorm_swiglu": ("layernorm_swiglu_ref", "LN2 + SwiGLU MLP + LayerScale + residual, in place"),
     "mask_head": ("mask_head_ref", "mask head MLP (fc1-GELU-fc2-GELU-fc3)"),
     "upscale": ("upscale_block_ref", "ConvTranspose 2x2 + GELU + depthwise 3x3 + LayerNorm"),
     "mask_logits": ("mask_logits_ref", "final mask-logit einsum"),

@@ -3,6 +3,13 @@
 The forward is written as a sequence of the fused ops of ``eomt_fast.kernels`` (see ``dispatch.OPS``);
 each runs its plain-PyTorch reference or, where ``dispatch`` says so, its Triton kernel.
 Weights are kept in the layout the ops want (``checkpoint.weight_rules``), prepared once at load.
+
+The residual stream lives in one (B, Q + 1 + R + P, C) token buffer per forward: the patch embedding writes
+the patch rows, CLS and registers are copied into theirs, the layers before the queries run on the view
+``tokens[:, Q:]`` (rows (Q + 1 + R + P) * C apart between images, which the kernels address as such), the
+queries are then written into ``tokens[:, :Q]``, and the last NB layers run on the whole buffer. Each
+layer updates it in place (``out=`` of the residual ops): no concatenation, no copy of the stream.
+With ``cuda_graphs=True`` the forward is captured per input shape and replayed (``eomt_fast.cuda_graphs``).
 """
 
 from __future__ import annotations
@@ -12,13 +19,16 @@ import math
 import os
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from . import checkpoint, dispatch
 from .config import EomtFastConfig
+
+if TYPE_CHECKING:
+    from .cuda_graphs import Capture, CudaGraphs
 
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -89,12 +99,13 @@ class EncoderLayer(nn.Module):
         self.ls2 = _weight(c)
 
     def forward(self, x: torch.Tensor, query_patch_mask: torch.Tensor | None, patch_start: int, ops: Ops) -> torch.Tensor:
+        """Updates x (B, S, C), a view of the model's token buffer, in place, and returns it."""
         qkv = ops["layernorm_qkv"](x, self.ln1_weight, self.ln1_bias, self.eps, self.qkv_weight, self.qkv_bias)
         attn = ops["attention"](qkv, self.num_heads, query_patch_mask, patch_start)
-        x = ops["out_projection"](attn, self.out_weight, self.out_bias, self.ls1, x)
+        ops["out_projection"](attn, self.out_weight, self.out_bias, self.ls1, x, out=x)
         mlp = ops["layernorm_swiglu"] if self.swiglu else ops["layernorm_mlp"]
         return mlp(x, self.ln2_weight, self.ln2_bias, self.eps, self.fc1_weight, self.fc1_bias,
-                   self.fc2_weight, self.fc2_bias, self.ls2)
+                   self.fc2_weight, self.fc2_bias, self.ls2, out=x)
 
 
 class MaskHead(nn.Module):
@@ -137,6 +148,7 @@ class EomtFastForUniversalSegmentation(nn.Module):
 
     def __init__(self, config: EomtFastConfig, backend: str = "auto") -> None:
         super().__init__()
+        self._cuda_graphs: CudaGraphs | None = None  # first: _apply (.to(), .half(), ...) reads it
         if not isinstance(config, EomtFastConfig):
             raise TypeError(f"config must be an EomtFastConfig, got {type(config).__name__}")
         if backend not in dispatch.BACKENDS:
@@ -191,28 +203,37 @@ class EomtFastForUniversalSegmentation(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | str | None = None,
         backend: str = "auto",
+        cuda_graphs: bool = False,
     ) -> EomtFastForUniversalSegmentation:
         """Load a transformers EoMT checkpoint: a directory with config.json and model.safetensors (or a
-        sharded index, or pytorch_model.bin), or a Hub id. dtype None keeps the stored dtype."""
+        sharded index, or pytorch_model.bin), or a Hub id. dtype None keeps the stored dtype.
+        ``cuda_graphs``: run the forward as CUDA graphs captured per input shape (``enable_cuda_graphs``)."""
         dtype = parse_dtype(dtype)
         directory = checkpoint.resolve_directory(path_or_hub_id)
         config = checkpoint.read_config(directory)
         state = checkpoint.read_state_dict(directory)
-        return cls._from_state(config, state, device, dtype, backend, source=str(directory))
+        return cls._from_state(config, state, device, dtype, backend, source=str(directory), cuda_graphs=cuda_graphs)
 
     @classmethod
-    def from_hf(cls, hf_model: nn.Module, backend: str = "auto") -> EomtFastForUniversalSegmentation:
-        """Copy a live transformers EomtForUniversalSegmentation (same device and dtype)."""
+    def from_hf(
+        cls,
+        hf_model: nn.Module,
+        backend: str = "auto",
+        cuda_graphs: bool = False,
+    ) -> EomtFastForUniversalSegmentation:
+        """Copy a live transformers EomtForUniversalSegmentation (same device and dtype); ``cuda_graphs`` as in
+        ``from_pretrained``."""
         if not hasattr(hf_model, "config") or getattr(hf_model.config, "model_type", None) != "eomt":
             raise TypeError(f"from_hf expects a transformers EomtForUniversalSegmentation, got {type(hf_model).__name__}")
         config = EomtFastConfig.from_hf(hf_model.config)
         state = {k: v.detach() for k, v in hf_model.state_dict().items()}
         param = next(hf_model.parameters())
-        model = cls._from_state(config, state, param.device, param.dtype, backend, source=type(hf_model).__name__)
-        return model
+        return cls._from_state(config, state, param.device, param.dtype, backend, source=type(hf_model).__name__,
+                               cuda_graphs=cuda_graphs)
 
     @classmethod
-    def _from_state(cls, config, state, device, dtype, backend, source) -> EomtFastForUniversalSegmentation:
+    def _from_state(cls, config, state, device, dtype, backend, source,
+                    cuda_graphs: bool = False) -> EomtFastForUniversalSegmentation:
         weights = checkpoint.convert_hf_state_dict(state, config, source=source)
         if dtype is None:
             stored = {t.dtype for k, t in weights.items() if k != "attn_mask_probs" and t.is_floating_point()}
@@ -224,6 +245,8 @@ class EomtFastForUniversalSegmentation(nn.Module):
         model.to_empty(device=device).to(dtype)
         model.load_weights(weights)
         model.ops()  # resolve the ops once at load (a compiled forward uses them as they are)
+        if cuda_graphs:
+            model.enable_cuda_graphs()
         return model
 
     @torch.no_grad()
@@ -243,6 +266,35 @@ class EomtFastForUniversalSegmentation(nn.Module):
         weights["attn_mask_probs"] = self.attn_mask_probs
         config = dataclasses.replace(self.config, extra={**self.config.extra, "dtype": str(self.dtype).removeprefix("torch.")})
         return checkpoint.write_checkpoint(directory, config, checkpoint.to_hf_state_dict(weights, config))
+
+    # ---- CUDA graphs ---------------------------------------------------------------------------------
+    def enable_cuda_graphs(self, clone_outputs: bool = True, capture: Capture | None = None) -> None:
+        """From now on ``model(...)`` replays a CUDA graph captured per input shape (and attn_mask_probs):
+        see ``eomt_fast.cuda_graphs.CudaGraphs``. The outputs are clones that later calls leave alone;
+        ``clone_outputs=False`` returns the graph's own output buffers instead, which the next call of the
+        same shape overwrites. Raises on a model that is not on CUDA or has parameters that require grad.
+        Moving or casting the model (``.to()``, ``.half()``, ...) drops the captured graphs. ``capture``
+        replaces the CUDA-graph capture (``cuda_graphs.capture_eagerly``: the same logic on any device, for
+        tests and debugging)."""
+        from .cuda_graphs import CudaGraphs
+
+        self._cuda_graphs = CudaGraphs(self, clone_outputs=clone_outputs, capture=capture)
+
+    def disable_cuda_graphs(self) -> None:
+        """Back to eager forwards; the captured graphs and their memory are released."""
+        self._cuda_graphs = None
+
+    @property
+    def cuda_graphs(self) -> CudaGraphs | None:
+        """The CUDA-graph runner ``model(...)`` goes through, or None (eager forwards)."""
+        return self._cuda_graphs
+
+    def _apply(self, *args: Any, **kwargs: Any):
+        # moving or casting re-creates the parameters: a captured graph would read freed memory
+        result = super()._apply(*args, **kwargs)
+        if self._cuda_graphs is not None:
+            self._cuda_graphs.clear()
+        return result
 
     # ---- properties --------------------------------------------------------------------------------
     @property
@@ -336,6 +388,13 @@ class EomtFastForUniversalSegmentation(nn.Module):
         return ops["grid_attention_mask"](self.mask_head(queries, ops), self._pixel_embeddings(patches, ops),
                                           self.config.grid_size)
 
+    def _token_buffer(self, batch: int) -> torch.Tensor:
+        """The (B, Q + 1 + R + P, C) residual stream of one forward, uninitialised: every row is written before
+        it is read (the query rows just before the first query layer)."""
+        cfg = self.config
+        seq = cfg.num_queries + cfg.num_prefix_tokens + cfg.num_patches
+        return torch.empty(batch, seq, cfg.hidden_size, dtype=self.dtype, device=self.device)
+
     def _empty_output(self, patch_offsets) -> EomtFastOutput:
         cfg, kw = self.config, {"dtype": self.dtype, "device": self.device}
         seq = cfg.num_queries + cfg.num_prefix_tokens + cfg.num_patches
@@ -356,41 +415,56 @@ class EomtFastForUniversalSegmentation(nn.Module):
         """pixel_values (B, channels, image_size, image_size), normalised. ``patch_offsets`` (from the image
         processor's semantic sliding windows) is passed through. ``generator`` drives the random unmasking of
         layers whose attn_mask_probs lies strictly between 0 and 1 (default: torch's global generator, as
-        transformers)."""
+        transformers; not with cuda_graphs, whose graphs draw from the default generator). The caller's
+        pixel_values are never written."""
+        if not torch.compiler.is_compiling() and self._cuda_graphs is not None:
+            return self._cuda_graphs(pixel_values, patch_offsets, generator)
         self.check_pixel_values(pixel_values)
+        if pixel_values.shape[0] == 0:
+            return self._empty_output(patch_offsets)
+        return self._output(*self._forward_tensors(pixel_values, generator), patch_offsets)
+
+    @staticmethod
+    def _output(class_logits: torch.Tensor, mask_logits: torch.Tensor, last_hidden_state: torch.Tensor,
+                patch_offsets: list[torch.Tensor] | None) -> EomtFastOutput:
+        return EomtFastOutput(class_queries_logits=class_logits, masks_queries_logits=mask_logits,
+                              last_hidden_state=last_hidden_state, patch_offsets=patch_offsets)
+
+    def _forward_tensors(
+        self, pixel_values: torch.Tensor, generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The network on checked pixel_values of batch >= 1: (class logits, mask logits, last hidden state).
+        No host sync once the host caches (ops, masking_probs) are filled: CUDA graphs capture this."""
         cfg = self.config
         batch = pixel_values.shape[0]
-        if batch == 0:
-            return self._empty_output(patch_offsets)
-        patch_start = cfg.num_queries + cfg.num_prefix_tokens
+        queries, prefix = cfg.num_queries, cfg.num_prefix_tokens
+        patch_start = queries + prefix
         probs = self.masking_probs()
         ops = self.ops()
 
-        x = ops["patch_embed"](pixel_values.to(self.dtype), self.patch_weight, self.patch_bias,
-                            self.position_embeddings, cfg.patch_size)
-        prefix = torch.cat([self.cls_token[None], self.register_tokens])
-        x = torch.cat([prefix.expand(batch, -1, -1), x], dim=1)
+        tokens = self._token_buffer(batch)  # [Q queries | CLS | R registers | P patches]
+        body = tokens[:, queries:]  # what the layers before the queries see
+        ops["patch_embed"](pixel_values.to(self.dtype), self.patch_weight, self.patch_bias, self.position_embeddings,
+                           cfg.patch_size, out=tokens[:, patch_start:])
+        body[:, 0].copy_(self.cls_token)  # broadcast over the batch
+        body[:, 1:prefix].copy_(self.register_tokens)
         mask = None  # like transformers, a later layer with prob 0 keeps the last mask computed
         for index, layer in enumerate(self.layers):
             block = index - cfg.first_query_layer
             if block == 0:
-                x = torch.cat([self.query.expand(batch, -1, -1), x], dim=1)
+                tokens[:, :queries].copy_(self.query)
+            x = tokens if block >= 0 else body
             if block >= 0 and probs[block] > 0:
                 mask = self._query_patch_mask(x, ops)
                 if probs[block] < 1:  # each query row unmasked with probability 1 - prob
-                    keep_all = torch.rand(batch, cfg.num_queries, device=x.device, generator=generator) > probs[block]
+                    keep_all = torch.rand(batch, queries, device=x.device, generator=generator) > probs[block]
                     mask = mask | keep_all[:, :, None]
-            x = layer(x, mask if block >= 0 else None, patch_start, ops)
+            layer(x, mask if block >= 0 else None, patch_start, ops)  # updates the buffer in place
         if cfg.num_blocks == 0:  # queries enter after the last layer (transformers cannot run this config)
-            x = torch.cat([self.query.expand(batch, -1, -1), x], dim=1)
+            tokens[:, :queries].copy_(self.query)
 
-        x = self._layernorm(x)
-        queries, patches = self._split_tokens(x)
-        class_logits = torch.nn.functional.linear(queries, self.class_weight, self.class_bias)
-        mask_logits = ops["mask_logits"](self.mask_head(queries, ops), self._pixel_embeddings(patches, ops))
-        return EomtFastOutput(
-            class_queries_logits=class_logits,
-            masks_queries_logits=mask_logits,
-            last_hidden_state=x,
-            patch_offsets=patch_offsets,
-        )
+        x = self._layernorm(tokens)
+        query_tokens, patches = self._split_tokens(x)
+        class_logits = torch.nn.functional.linear(query_tokens, self.class_weight, self.class_bias)
+        mask_logits = ops["mask_logits"](self.mask_head(query_tokens, ops), self._pixel_embeddings(patches, ops))
+        return class_logits, mask_logits, x

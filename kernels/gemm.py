@@ -36,7 +36,18 @@ Output addressing: element (m, n) of the product goes to ``out[m // Mi, m % Mi, 
 4-D strided view (2-D (M, N) and 3-D (Mo, Mi, N) outputs are special cases), and the residual is
 read the same way (zero strides allowed). This one rule writes into a slice of a bigger buffer (the
 patch tokens of ``[CLS | registers | patches]``), adds a position embedding expanded over the batch,
-and scatters ConvTranspose-2x2 results to their 2x2 output pixels.
+and scatters ConvTranspose-2x2 results to their 2x2 output pixels. Three compile-time cases keep the
+common ones cheap: rows evenly strided (plain 2-D addressing; any 3-D view whose rows are, e.g. batch
+1), rows split only (``SPLIT_ROWS``: a (B, S0, C) slice of the model's (B, S, C) token buffer, rows
+S * C apart between batches; one division per tile row, no column division), and rows and columns
+split (``VIEW_4D``, the 2x2 scatter). The A operand may be such a row-split 3-D view too
+(``A_SPLIT_ROWS``), and so may the rows the LayerNorm kernel reads: the layers of the model run on
+slices of its token buffer without a copy.
+
+In place: ``residual`` may be ``out`` itself (the same view): every element is read and then written
+by the same program, so the residual stream is updated in place (``out_projection``, ``layernorm_mlp``
+with ``out=x``). The autotuner runs a kernel several times while it benchmarks; for an in-place call
+it restores ``out`` after each run (``restore_value``).
 
 Tiles: on a GPU, ``@triton.autotune`` over a handful of tile shapes (keyed on M, N, K and the flags)
 with GROUP_M swizzling of the tile order for L2 reuse; under the interpreter exactly one small tile.
@@ -158,10 +169,13 @@ def gemm_configs(glu: bool = False, ln_prologue: bool = False, fp32: bool = Fals
 
 
 @functools.lru_cache(maxsize=None)
-def _tuned_kernel(glu: bool, ln_prologue: bool, fp32: bool, view_4d: bool):
+def _tuned_kernel(glu: bool, ln_prologue: bool, fp32: bool, view_4d: bool, restore_out: bool = False):
+    """The autotuned GEMM for these flags; ``restore_out``: put Out back after each benchmark run (an
+    in-place residual update would otherwise be applied once per run)."""
     configs = [triton.Config(c.meta(), num_warps=c.num_warps, num_stages=c.num_stages)
                for c in gemm_configs(glu, ln_prologue, fp32, view_4d)]
-    return triton.autotune(configs=configs, key=["M", "N", "K", "SPLIT_K", "ACTIVATION", "HAS_RESIDUAL"])(_gemm_kernel)
+    return triton.autotune(configs=configs, key=["M", "N", "K", "SPLIT_K", "ACTIVATION", "HAS_RESIDUAL"],
+                           restore_value=["Out"] if restore_out else None)(_gemm_kernel)
 
 
 # ---- building blocks (@triton.jit functions other kernels can call) ----------------------------------
@@ -194,18 +208,23 @@ def apply_activation(x, ACTIVATION: tl.constexpr):
 
 @triton.jit
 def tile_ptrs(Base, offs_m, offs_n, rows_inner, cols_inner, stride_0, stride_1, stride_2, stride_3,
-              VIEW_4D: tl.constexpr, ALIGNED_ROWS: tl.constexpr):
-    """Pointers to the (m, n) elements of a tile: Base[m, n] through (stride_1, stride_3), or with VIEW_4D
-    Base[m // Mi, m % Mi, n // Ni, n % Ni] of a 4-D strided view. Row offsets are int64; the division
-    costs registers that the plain 2-D case does not pay. ALIGNED_ROWS (plain case) promises 16-byte
-    aligned row starts, as the JIT infers from divisible arguments: without it, an ahead-of-time compile
-    stores element by element and spills."""
+              VIEW_4D: tl.constexpr, SPLIT_ROWS: tl.constexpr, ALIGNED_ROWS: tl.constexpr):
+    """Pointers to the (m, n) elements of a tile: Base[m, n] through (stride_1, stride_3); with SPLIT_ROWS
+    Base[m // Mi, m % Mi, n] (a 3-D view whose rows are not evenly strided); with VIEW_4D
+    Base[m // Mi, m % Mi, n // Ni, n % Ni] of a 4-D strided view. Row offsets are int64; the column
+    division of VIEW_4D costs registers that the other cases do not pay. ALIGNED_ROWS (not VIEW_4D)
+    promises 16-byte aligned row starts, as the JIT infers from divisible arguments: without it, an
+    ahead-of-time compile stores element by element and spills."""
     if VIEW_4D:
         rows = (offs_m // rows_inner).to(tl.int64) * stride_0 + (offs_m % rows_inner).to(tl.int64) * stride_1
         cols = (offs_n // cols_inner) * stride_2 + (offs_n % cols_inner) * stride_3
         row_ptrs = Base + rows
     else:
-        row_ptrs = Base + offs_m.to(tl.int64) * stride_1
+        if SPLIT_ROWS:
+            row_ptrs = Base + ((offs_m // rows_inner).to(tl.int64) * stride_0
+                               + (offs_m % rows_inner).to(tl.int64) * stride_1)
+        else:
+            row_ptrs = Base + offs_m.to(tl.int64) * stride_1
         if ALIGNED_ROWS:
             row_ptrs = tl.multiple_of(row_ptrs, [16])
         cols = offs_n * stride_3
@@ -215,19 +234,26 @@ def tile_ptrs(Base, offs_m, offs_n, rows_inner, cols_inner, stride_0, stride_1, 
 @triton.jit
 def gemm_mainloop(
     A, W, rows, cols, k_lo, k_hi,
-    stride_am, stride_ak, stride_wn, stride_wk, glu_offset,
+    a_rows_inner, stride_a0, stride_am, stride_ak, stride_wn, stride_wk, glu_offset,
     Mean, Rstd, LnW, LnB,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    LN_PROLOGUE: tl.constexpr, GLU: tl.constexpr, ALIGNED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    LN_PROLOGUE: tl.constexpr, GLU: tl.constexpr, A_SPLIT_ROWS: tl.constexpr, ALIGNED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """fp32 (acc, acc_up) = LN?(A[rows, k_lo:k_hi]) @ W[cols (+ glu_offset), k_lo:k_hi]^T.
 
-    ``rows``/``cols`` must be in range (wrap them); K is masked here. Without GLU the second
+    ``rows``/``cols`` must be in range (wrap them); K is masked here. Row m of A starts at
+    m * stride_am, or with A_SPLIT_ROWS (a 3-D view) at (m // a_rows_inner) * stride_a0 +
+    (m % a_rows_inner) * stride_am: computed once per tile, outside the K loop. Without GLU the second
     accumulator is never touched and the compiler drops it. ALIGNED promises 16-byte aligned rows of A
     and W and k_lo, k_hi multiples of 16: what the JIT would infer from arguments divisible by 16, said
     explicitly so that an ahead-of-time compile (which gets no such facts) builds the same pipelined
     16-byte async copies."""
-    a_rows = A + rows.to(tl.int64) * stride_am  # [BLOCK_M] row starts
+    if A_SPLIT_ROWS:  # [BLOCK_M] row starts
+        a_rows = A + ((rows // a_rows_inner).to(tl.int64) * stride_a0
+                      + (rows % a_rows_inner).to(tl.int64) * stride_am)
+    else:
+        a_rows = A + rows.to(tl.int64) * stride_am
     w_rows = W + cols.to(tl.int64) * stride_wn  # [BLOCK_N] row starts (nn.Linear layout: a row per output)
     if ALIGNED:
         a_rows = tl.multiple_of(a_rows, [16])
@@ -290,20 +316,22 @@ def store_tile(
     out_rows_inner, out_cols_inner, stride_o0, stride_o1, stride_o2, stride_o3,
     stride_r0, stride_r1, stride_r2, stride_r3,
     ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    GLU: tl.constexpr, VIEW_4D: tl.constexpr, OUT_ALIGNED: tl.constexpr,
+    GLU: tl.constexpr, VIEW_4D: tl.constexpr, SPLIT_ROWS: tl.constexpr, OUT_ALIGNED: tl.constexpr,
 ):
-    """Epilogue of one fp32 tile (rows offs_m, columns offs_n) and its masked store to Out."""
+    """Epilogue of one fp32 tile (rows offs_m, columns offs_n) and its masked store to Out. Res may be Out
+    itself (in place): each element is loaded before this program stores it, and no other program
+    touches it."""
     if OUT_ALIGNED:  # N % 16 == 0, said in a form the alignment analysis reads (vectorised masks)
         mask_n = offs_n < N // 16 * 16
     else:
         mask_n = offs_n < N
     mask = (offs_m < M)[:, None] & mask_n[None, :]
     res_ptrs = tile_ptrs(Res, offs_m, offs_n, out_rows_inner, out_cols_inner,
-                         stride_r0, stride_r1, stride_r2, stride_r3, VIEW_4D, OUT_ALIGNED)
+                         stride_r0, stride_r1, stride_r2, stride_r3, VIEW_4D, SPLIT_ROWS, OUT_ALIGNED)
     y = gemm_epilogue(acc, acc_up, offs_n, mask_n, mask, res_ptrs, glu_offset, Bias, Scale, Res,
                       ACTIVATION, HAS_BIAS, HAS_SCALE, HAS_RESIDUAL, GLU)
     out_ptrs = tile_ptrs(Out, offs_m, offs_n, out_rows_inner, out_cols_inner,
-                         stride_o0, stride_o1, stride_o2, stride_o3, VIEW_4D, OUT_ALIGNED)
+                         stride_o0, stride_o1, stride_o2, stride_o3, VIEW_4D, SPLIT_ROWS, OUT_ALIGNED)
     tl.store(out_ptrs, y.to(Out.dtype.element_ty), mask=mask)
 
 
@@ -317,7 +345,7 @@ def split_columns(acc, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
 
 @triton.jit
 def _gemm_kernel(
-    A,  # (M, K) activations, any strides
+    A,  # (M, K) activations, or a (Mo, Mi, K) view with A_SPLIT_ROWS; any strides
     W,  # (N, K) weight, or (2N, K) [gate | up] with GLU; nn.Linear layout, any strides
     Out,  # output, addressed through the 4-D view (out_rows_inner, out_cols_inner, stride_o*)
     Bias,  # (N,) or (2N,) with GLU; unused without HAS_BIAS
@@ -327,12 +355,14 @@ def _gemm_kernel(
     LnW, LnB,  # (K,) LayerNorm weight and bias; unused without LN_PROLOGUE
     Ws, WsUp,  # (SPLIT_K, M, N) fp32 partial sums (of the up half with GLU); unused when SPLIT_K == 1
     M, N, K,
+    a_rows_inner, stride_a0,  # A_SPLIT_ROWS: rows per batch of A and the batch stride
     stride_am, stride_ak, stride_wn, stride_wk,
     out_rows_inner, out_cols_inner, stride_o0, stride_o1, stride_o2, stride_o3,
     stride_r0, stride_r1, stride_r2, stride_r3,
     glu_offset,  # row offset of the up half of W (= N) with GLU
     ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     LN_PROLOGUE: tl.constexpr, GLU: tl.constexpr, SPLIT_K: tl.constexpr, VIEW_4D: tl.constexpr,
+    SPLIT_ROWS: tl.constexpr, A_SPLIT_ROWS: tl.constexpr,
     ALIGNED: tl.constexpr, OUT_ALIGNED: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EPILOGUE_SUBTILES: tl.constexpr,
@@ -347,18 +377,19 @@ def _gemm_kernel(
     # Rows/columns past the end are wrapped into range: their loads need no mask, their results are
     # never stored.
     acc, acc_up = gemm_mainloop(
-        A, W, offs_m % M, offs_n % N, k_lo, k_hi, stride_am, stride_ak, stride_wn, stride_wk, glu_offset,
-        Mean, Rstd, LnW, LnB, BLOCK_M, BLOCK_N, BLOCK_K, LN_PROLOGUE, GLU, ALIGNED, DOT_PRECISION)
+        A, W, offs_m % M, offs_n % N, k_lo, k_hi, a_rows_inner, stride_a0, stride_am, stride_ak, stride_wn,
+        stride_wk, glu_offset, Mean, Rstd, LnW, LnB, BLOCK_M, BLOCK_N, BLOCK_K, LN_PROLOGUE, GLU, A_SPLIT_ROWS,
+        ALIGNED, DOT_PRECISION)
     if SPLIT_K > 1:  # raw partial sums; _splitk_reduce_kernel adds them up and applies the epilogue
         if OUT_ALIGNED:
             mask = (offs_m < M)[:, None] & (offs_n < N // 16 * 16)[None, :]
         else:
             mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
         split = pid_k.to(tl.int64) * M * N
-        ws_ptrs = tile_ptrs(Ws + split, offs_m, offs_n, M, N, 0, N, 0, 1, False, OUT_ALIGNED)
+        ws_ptrs = tile_ptrs(Ws + split, offs_m, offs_n, M, N, 0, N, 0, 1, False, False, OUT_ALIGNED)
         tl.store(ws_ptrs, acc, mask=mask)
         if GLU:
-            ws_up_ptrs = tile_ptrs(WsUp + split, offs_m, offs_n, M, N, 0, N, 0, 1, False, OUT_ALIGNED)
+            ws_up_ptrs = tile_ptrs(WsUp + split, offs_m, offs_n, M, N, 0, N, 0, 1, False, False, OUT_ALIGNED)
             tl.store(ws_up_ptrs, acc_up, mask=mask)
     elif EPILOGUE_SUBTILES == 2:  # two column halves, one after the other: fewer live registers
         acc_left, acc_right = split_columns(acc, BLOCK_M, BLOCK_N)
@@ -369,16 +400,16 @@ def _gemm_kernel(
         store_tile(acc_left, up_left, offs_m, offs_left, M, N, glu_offset, Out, Bias, Scale, Res,
                    out_rows_inner, out_cols_inner, stride_o0, stride_o1, stride_o2, stride_o3,
                    stride_r0, stride_r1, stride_r2, stride_r3,
-                   ACTIVATION, HAS_BIAS, HAS_SCALE, HAS_RESIDUAL, GLU, VIEW_4D, OUT_ALIGNED)
+                   ACTIVATION, HAS_BIAS, HAS_SCALE, HAS_RESIDUAL, GLU, VIEW_4D, SPLIT_ROWS, OUT_ALIGNED)
         store_tile(acc_right, up_right, offs_m, offs_left + BLOCK_N // 2, M, N, glu_offset, Out, Bias, Scale, Res,
                    out_rows_inner, out_cols_inner, stride_o0, stride_o1, stride_o2, stride_o3,
                    stride_r0, stride_r1, stride_r2, stride_r3,
-                   ACTIVATION, HAS_BIAS, HAS_SCALE, HAS_RESIDUAL, GLU, VIEW_4D, OUT_ALIGNED)
+                   ACTIVATION, HAS_BIAS, HAS_SCALE, HAS_RESIDUAL, GLU, VIEW_4D, SPLIT_ROWS, OUT_ALIGNED)
     else:
         store_tile(acc, acc_up, offs_m, offs_n, M, N, glu_offset, Out, Bias, Scale, Res,
                    out_rows_inner, out_cols_inner, stride_o0, stride_o1, stride_o2, stride_o3,
                    stride_r0, stride_r1, stride_r2, stride_r3,
-                   ACTIVATION, HAS_BIAS, HAS_SCALE, HAS_RESIDUAL, GLU, VIEW_4D, OUT_ALIGNED)
+                   ACTIVATION, HAS_BIAS, HAS_SCALE, HAS_RESIDUAL, GLU, VIEW_4D, SPLIT_ROWS, OUT_ALIGNED)
 
 
 @triton.jit
@@ -390,8 +421,8 @@ def _splitk_reduce_kernel(
     stride_r0, stride_r1, stride_r2, stride_r3,
     glu_offset,
     ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    GLU: tl.constexpr, SPLIT_K: tl.constexpr, VIEW_4D: tl.constexpr, OUT_ALIGNED: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    GLU: tl.constexpr, SPLIT_K: tl.constexpr, VIEW_4D: tl.constexpr, SPLIT_ROWS: tl.constexpr,
+    OUT_ALIGNED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -407,24 +438,31 @@ def _splitk_reduce_kernel(
     store_tile(acc, acc_up, offs_m, offs_n, M, N, glu_offset, Out, Bias, Scale, Res,
                out_rows_inner, out_cols_inner, stride_o0, stride_o1, stride_o2, stride_o3,
                stride_r0, stride_r1, stride_r2, stride_r3,
-               ACTIVATION, HAS_BIAS, HAS_SCALE, HAS_RESIDUAL, GLU, VIEW_4D, OUT_ALIGNED)
+               ACTIVATION, HAS_BIAS, HAS_SCALE, HAS_RESIDUAL, GLU, VIEW_4D, SPLIT_ROWS, OUT_ALIGNED)
 
 
 @triton.jit
 def _layernorm_rows_kernel(
-    X,  # (M, C) input rows, unit column stride
+    X,  # (M, C) input rows, or a (Mo, Mi, C) view with SPLIT_ROWS; unit column stride
     Y,  # (M, C) normalised rows in Y's dtype; unused without WRITE_Y
     Mean, Rstd,  # (M,) fp32 statistics; unused without WRITE_STATS
     LnW, LnB,  # (C,) LayerNorm weight and bias; unused without WRITE_Y
-    M, C, stride_xm, stride_ym, eps,
-    WRITE_Y: tl.constexpr, WRITE_STATS: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
+    M, C, x_rows_inner, stride_xb, stride_xm, stride_ym, eps,
+    WRITE_Y: tl.constexpr, WRITE_STATS: tl.constexpr, SPLIT_ROWS: tl.constexpr, ROWS: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
-    """LayerNorm of ROWS rows per program, two-pass statistics in fp32 over the whole row in registers."""
+    """LayerNorm of ROWS rows per program, two-pass statistics in fp32 over the whole row in registers.
+    Row m of X starts at m * stride_xm, or with SPLIT_ROWS at (m // x_rows_inner) * stride_xb +
+    (m % x_rows_inner) * stride_xm (a slice of the model's token buffer)."""
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_C)
     mask_c = cols < C
     mask = (rows < M)[:, None] & mask_c[None, :]
-    x = tl.load(X + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if SPLIT_ROWS:
+        x_rows = X + (rows // x_rows_inner) * stride_xb + (rows % x_rows_inner) * stride_xm
+    else:
+        x_rows = X + rows * stride_xm
+    x = tl.load(x_rows[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     mean = tl.sum(x, axis=1) / C
     xc = tl.where(mask, x - mean[:, None], 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / C + eps)
@@ -441,7 +479,10 @@ def _layernorm_rows_kernel(
 # ---- launchers ---------------------------------------------------------------------------------------
 
 def _layernorm_launch(x: torch.Tensor, y, mean, rstd, ln_weight, ln_bias, eps: float) -> None:
-    m, c = x.shape
+    """x: (M, C) or a row-split (Mo, Mi, C) view (``as_rows``), unit column stride."""
+    c = x.shape[-1]
+    m = x.shape[0] * x.shape[1] if x.dim() == 3 else x.shape[0]
+    rows_inner, stride_b = (x.shape[1], x.stride(0)) if x.dim() == 3 else (m, 0)
     block_c = triton.next_power_of_2(c)
     if block_c > MAX_LAYERNORM_WIDTH:
         raise ValueError(f"the LayerNorm row kernel holds a row in registers: at most {MAX_LAYERNORM_WIDTH} "
@@ -452,36 +493,72 @@ def _layernorm_launch(x: torch.Tensor, y, mean, rstd, ln_weight, ln_bias, eps: f
     _layernorm_rows_kernel[(triton.cdiv(m, rows),)](
         x, y if y is not None else dummy, mean if mean is not None else dummy, rstd if rstd is not None else dummy,
         ln_weight if ln_weight is not None else dummy, ln_bias if ln_bias is not None else dummy,
-        m, c, x.stride(0), y.stride(0) if y is not None else 0, eps,
-        WRITE_Y=y is not None, WRITE_STATS=mean is not None, ROWS=rows, BLOCK_C=block_c, num_warps=num_warps)
+        m, c, rows_inner, stride_b, x.stride(-2), y.stride(0) if y is not None else 0, eps,
+        WRITE_Y=y is not None, WRITE_STATS=mean is not None, SPLIT_ROWS=x.dim() == 3, ROWS=rows,
+        BLOCK_C=block_c, num_warps=num_warps)
+
+
+def as_rows(t: torch.Tensor) -> torch.Tensor:
+    """(..., K) as a 2-D (M, K) view when its rows are evenly strided (a contiguous tensor, a batch of one,
+    a row slice), else as a 3-D (Mo, Mi, K) view whose rows the kernels address as (m // Mi, m % Mi).
+    Never a copy: a (B, S0, C) slice of the model's (B, S, C) token buffer, rows S * C apart between
+    batches, stays where it is. More than 3 dims: the leading ones must merge into one without a copy."""
+    if t.dim() < 2:
+        raise ValueError(f"expected rows of a matrix (..., K), got shape {tuple(t.shape)}")
+    if t.dim() > 3:
+        t = t.view(-1, *t.shape[-2:])
+    if t.dim() == 2:
+        return t
+    stride = _row_stride(tuple(t.shape[:2]), tuple(t.stride()[:2]))
+    if stride is None:
+        return t
+    return t.as_strided((t.shape[0] * t.shape[1], t.shape[2]), (stride, t.stride(2)), t.storage_offset())
+
+
+def _row_stride(shape: tuple[int, int], strides: tuple[int, int]) -> int | None:
+    """The one stride of rows (i, j) of an (Mo, Mi) grid when row i * Mi + j sits at (i * Mi + j) * stride,
+    else None."""
+    (mo, mi), (s0, s1) = shape, strides
+    if mo == 1:
+        return s1
+    if mi == 1:
+        return s0
+    return s1 if s0 == mi * s1 else None
 
 
 def _rows(x: torch.Tensor, name: str) -> torch.Tensor:
-    if x.dim() != 2:
-        raise ValueError(f"{name} must be 2-D (M, K), got shape {tuple(x.shape)}")
-    return x if x.stride(1) == 1 else x.contiguous()
+    """x as rows for the LayerNorm kernel (``as_rows``); a copy only when its columns are not contiguous."""
+    if x.dim() not in (2, 3):
+        raise ValueError(f"{name} must be 2-D (M, K) or 3-D (Mo, Mi, K), got shape {tuple(x.shape)}")
+    return as_rows(x if x.stride(-1) == 1 else x.contiguous())
+
+
+def _num_rows(x: torch.Tensor) -> int:
+    return x.shape[0] * x.shape[1] if x.dim() == 3 else x.shape[0]
 
 
 def layernorm(x: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor, eps: float,
               out: torch.Tensor | None = None) -> torch.Tensor:
-    """LayerNorm of the rows of a 2-D x, in x's dtype (fp32 statistics): the ``"separate"`` LN."""
+    """LayerNorm of the rows of x, in x's dtype (fp32 statistics): the ``"separate"`` LN. x: (M, C), or a
+    (Mo, Mi, C) view (read in place); the result is (M, C)."""
     x = _rows(x, "x")
+    m, c = _num_rows(x), x.shape[-1]
     if out is None:
-        out = torch.empty_like(x, memory_format=torch.contiguous_format)
-    if out.shape != x.shape or out.stride(1) != 1:
-        raise ValueError(f"out must be {tuple(x.shape)} with unit column stride, got {tuple(out.shape)}")
+        out = torch.empty((m, c), dtype=x.dtype, device=x.device)
+    if tuple(out.shape) != (m, c) or out.stride(1) != 1:
+        raise ValueError(f"out must be {(m, c)} with unit column stride, got {tuple(out.shape)}")
     ln_weight, ln_bias = _vector(ln_weight), _vector(ln_bias)
-    if x.shape[0]:
+    if m:
         _layernorm_launch(x, out, None, None, ln_weight, ln_bias, eps)
     return out
 
 
 def row_stats(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean, rstd) in fp32 of the rows of a 2-D x: what the ``"prologue"`` LN reads."""
+    """(mean, rstd) in fp32 of the rows of x ((M, C) or (Mo, Mi, C)): what the ``"prologue"`` LN reads."""
     x = _rows(x, "x")
-    mean = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
+    mean = torch.empty(_num_rows(x), dtype=torch.float32, device=x.device)
     rstd = torch.empty_like(mean)
-    if x.shape[0]:
+    if mean.numel():
         _layernorm_launch(x, None, mean, rstd, None, None, eps)
     return mean, rstd
 
@@ -499,6 +576,35 @@ def _view_geometry(t: torch.Tensor, m: int, n: int, name: str) -> tuple[int, int
     if shape[0] * shape[1] != m or shape[2] * shape[3] != n:
         raise ValueError(f"{name} of shape {tuple(t.shape)} does not hold an {m} x {n} result")
     return (shape[1], shape[3], *strides)
+
+
+def _output_geometry(out: torch.Tensor, residual: torch.Tensor | None, m: int, n: int):
+    """How the kernel addresses out and the residual: (out geometry, residual strides, VIEW_4D, SPLIT_ROWS).
+
+    Columns split (a 4-D view): both use the 4-D rule and must split M and N alike. Otherwise a tensor whose
+    rows are evenly strided is addressed as 2-D, and when one of the two is not (a row slice of a bigger
+    buffer), both are addressed as (m // Mi, m % Mi): the evenly strided one with batch stride Mi * row stride.
+    """
+    out_geom = _view_geometry(out, m, n, "out")
+    res_geom = _view_geometry(residual, m, n, "residual") if residual is not None else None
+    geoms = [g for g in (out_geom, res_geom) if g is not None]
+    if any(g[1] != n for g in geoms):  # columns split: the 4-D rule for both
+        if res_geom is not None and res_geom[:2] != out_geom[:2]:
+            raise ValueError(f"residual {tuple(residual.shape)} and out {tuple(out.shape)} must split M and N alike")
+        return out_geom, res_geom[2:] if res_geom is not None else (0, 0, 0, 0), True, False
+    even = [_row_stride((m // g[0] if g[0] else 0, g[0]), (g[2], g[3])) for g in geoms]
+    if all(stride is not None for stride in even):
+        geoms = [(m, n, 0, stride, 0, g[5]) for g, stride in zip(geoms, even)]
+        split_rows = False
+    else:
+        inner = {g[0] for g, stride in zip(geoms, even) if stride is None}
+        if len(inner) > 1:
+            raise ValueError(f"residual {tuple(residual.shape)} and out {tuple(out.shape)} split their rows "
+                             "differently and neither has evenly strided rows")
+        mi = inner.pop()
+        geoms = [g if stride is None else (mi, n, mi * stride, stride, 0, g[5]) for g, stride in zip(geoms, even)]
+        split_rows = True
+    return geoms[0], geoms[1][2:] if residual is not None else (0, 0, 0, 0), False, split_rows
 
 
 def gemm(
@@ -519,25 +625,28 @@ def gemm(
 ) -> torch.Tensor:
     """out = residual + act(LN?(a) @ weight^T + bias) * scale, one kernel (plus the LN row kernel).
 
-    a: (M, K) fp16/bf16/fp32, any strides (unit K stride is fastest). weight: (N, K) in a's dtype, nn.Linear
+    a: (M, K) fp16/bf16/fp32, or an (Mo, Mi, K) view (rows M = Mo * Mi, e.g. a slice of a token buffer),
+    any strides (unit K stride is fastest; never copied). weight: (N, K) in a's dtype, nn.Linear
     layout, any strides (a (K, N) tensor passed as ``w.t()`` works without a copy). With ``glu`` weight is
     (2N, K) = [gate | up] and the result is act(gate) * up (``activation="silu"``: SwiGLU); bias then has 2N
     entries. bias (N,), scale (N,): any float dtype, applied in fp32. residual and out: (M, N), (Mo, Mi, N) or
     (Mo, Mi, No, Ni) views, any strides (residual may use zero strides); out defaults to a new contiguous (M, N)
-    tensor of ``out_dtype`` (default a's dtype); it must not share memory with a, weight or residual. ln =
+    tensor of ``out_dtype`` (default a's dtype); it must not share memory with a or weight, nor with the
+    residual unless the residual is out itself (the same view: an in-place residual update). ln =
     (ln_weight, ln_bias, eps): LayerNorm a's rows first, where ``ln_mode`` says ("separate" / "prologue",
     default ``DEFAULT_LN_MODE``). ``split_k`` > 1 splits K over that many programs per tile (fp32 workspace +
     a reduce kernel with the epilogue); ``config`` fixes the tile instead of autotuning.
     """
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
-    if a.dim() != 2 or weight.dim() != 2:
-        raise ValueError(f"a and weight must be 2-D, got {tuple(a.shape)} and {tuple(weight.shape)}")
+    if a.dim() not in (2, 3) or weight.dim() != 2:
+        raise ValueError(f"a must be 2-D or 3-D and weight 2-D, got {tuple(a.shape)} and {tuple(weight.shape)}")
     if a.dtype not in _DTYPES or weight.dtype != a.dtype:
         raise TypeError(f"a and weight must share one of fp16/bf16/fp32, got {a.dtype} and {weight.dtype}")
     if weight.device != a.device:
         raise ValueError(f"a is on {a.device} but weight on {weight.device}")
-    m, k = a.shape
+    a = as_rows(a)  # 2-D when its rows are evenly strided, else a row-split 3-D view (never a copy)
+    m, k = _num_rows(a), a.shape[-1]
     rows_w = weight.shape[0]
     if weight.shape[1] != k:
         raise ValueError(f"a is {m} x {k} but weight is {tuple(weight.shape)} (expected (N, {k}))")
@@ -554,14 +663,7 @@ def gemm(
         ln = (_vector(ln[0]), _vector(ln[1]), ln[2])
     if out is None:
         out = torch.empty((m, n), dtype=out_dtype or a.dtype, device=a.device)
-    out_geom = _view_geometry(out, m, n, "out")
-    if residual is not None:
-        res_geom = _view_geometry(residual, m, n, "residual")
-        if res_geom[:2] != out_geom[:2]:
-            raise ValueError(f"residual {tuple(residual.shape)} and out {tuple(out.shape)} must split M and N alike")
-        res_strides = res_geom[2:]
-    else:
-        res_strides = (0, 0, 0, 0)
+    out_geom, res_strides, view_4d, split_rows = _output_geometry(out, residual, m, n)
     if ln is not None and (ln[0].shape != (k,) or ln[1].shape != (k,)):
         raise ValueError(f"LayerNorm weight and bias must have shape ({k},), got {tuple(ln[0].shape)} "
                          f"and {tuple(ln[1].shape)}")
@@ -569,10 +671,14 @@ def gemm(
         return out
     if k == 0 and ln is not None:
         raise ValueError("a LayerNorm over K = 0 columns is undefined")
+    # in place: every (m, n) of the residual is the same element of out (read, then written, by one program)
+    in_place = residual is not None and residual.data_ptr() == out.data_ptr() and res_strides == out_geom[2:]
     for name, t in (("a", a), ("weight", weight), ("residual", residual)):
         if t is not None and t.untyped_storage().data_ptr() == out.untyped_storage().data_ptr():
+            if name == "residual" and in_place:
+                continue
             raise ValueError(f"out must not share memory with {name} (other tiles still read it; the autotuner "
-                             "runs the kernel more than once)")
+                             "runs the kernel more than once), except the residual when it is out itself")
 
     mean = rstd = ln_weight = ln_bias = None
     if ln is not None:
@@ -589,14 +695,14 @@ def gemm(
     workspace = None
     if split_k > 1:
         workspace = torch.empty((1 + glu, split_k, m, n), dtype=torch.float32, device=a.device)
-    view_4d = out_geom[:2] != (m, n)  # out (and the residual) split M or N: division in the epilogue
     # The alignment facts the JIT would derive from divisible arguments, passed explicitly (see
     # gemm_mainloop): then an ahead-of-time compile sees the same kernel as the GPU.
     aligned = k % 16 == 0 and _rows_aligned(a) and _rows_aligned(weight)
     out_aligned = n % 16 == 0 and (view_4d or (_rows_aligned(out) and (residual is None or _rows_aligned(residual))))
     epilogue = dict(
         ACTIVATION=ACTIVATIONS[activation], HAS_BIAS=bias is not None, HAS_SCALE=scale is not None,
-        HAS_RESIDUAL=residual is not None, GLU=glu, SPLIT_K=split_k, VIEW_4D=view_4d, OUT_ALIGNED=out_aligned,
+        HAS_RESIDUAL=residual is not None, GLU=glu, SPLIT_K=split_k, VIEW_4D=view_4d, SPLIT_ROWS=split_rows,
+        OUT_ALIGNED=out_aligned,
     )
     dummy = a  # stands for the pointers a flag leaves unused
     bias_, scale_, residual_ = (t if t is not None else dummy for t in (bias, scale, residual))
@@ -605,17 +711,18 @@ def gemm(
         mean if mean is not None else dummy, rstd if rstd is not None else dummy,
         ln_weight if ln_weight is not None else dummy, ln_bias if ln_bias is not None else dummy,
         workspace[0] if workspace is not None else dummy, workspace[-1] if workspace is not None else dummy,
-        m, n, k, a.stride(0), a.stride(1), weight.stride(0), weight.stride(1),
-        *out_geom, *res_strides, n,
+        m, n, k, a.shape[1] if a.dim() == 3 else m, a.stride(0) if a.dim() == 3 else 0, a.stride(-2), a.stride(-1),
+        weight.stride(0), weight.stride(1), *out_geom, *res_strides, n,
     )
-    mainloop = dict(LN_PROLOGUE=mean is not None, ALIGNED=aligned,
+    mainloop = dict(LN_PROLOGUE=mean is not None, A_SPLIT_ROWS=a.dim() == 3, ALIGNED=aligned,
                     DOT_PRECISION=FP32_DOT_PRECISION if a.dtype == torch.float32 else "tf32")  # 16-bit: ignored
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), split_k)  # noqa: E731
     if config is not None:
         _gemm_kernel[grid(config.meta())](*args, **epilogue, **mainloop, **config.meta(),
                                           num_warps=config.num_warps, num_stages=config.num_stages)
     else:
-        tuned = _tuned_kernel(glu, mean is not None, a.dtype == torch.float32, view_4d)
+        # an in-place call must find out unchanged after each of the autotuner's benchmark runs
+        tuned = _tuned_kernel(glu, mean is not None, a.dtype == torch.float32, view_4d, in_place and split_k == 1)
         tuned[grid](*args, **epilogue, **mainloop)
     if split_k > 1:
         _splitk_reduce_kernel[(triton.cdiv(m, REDUCE_BLOCK), triton.cdiv(n, REDUCE_BLOCK))](
@@ -640,10 +747,12 @@ _TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "
 
 def gemm_aot_spec(name: str, dtype: torch.dtype, config: GemmConfig, *, activation: str = "none",
                   has_bias: bool = True, has_scale: bool = False, has_residual: bool = False,
-                  ln_prologue: bool = False, glu: bool = False, split_k: int = 1, view_4d: bool = False):
+                  ln_prologue: bool = False, glu: bool = False, split_k: int = 1, view_4d: bool = False,
+                  split_rows: bool = False, a_split_rows: bool = False):
     """A KernelSpec of ``_gemm_kernel`` as the launcher compiles it on a GPU for contiguous, 16-byte aligned
     operands with K and N multiples of 16 (every EoMT GEMM): unit strides are constants, as the JIT
-    specialises arguments equal to 1, and ALIGNED / OUT_ALIGNED are set, as the launcher sets them."""
+    specialises arguments equal to 1, and ALIGNED / OUT_ALIGNED are set, as the launcher sets them.
+    ``split_rows`` / ``a_split_rows``: out and residual / A are row slices of the model's token buffer."""
     from eomt_fast.aot import KernelSpec
 
     t = _TRITON_DTYPE[dtype]
@@ -651,7 +760,7 @@ def gemm_aot_spec(name: str, dtype: torch.dtype, config: GemmConfig, *, activati
     signature = {
         "A": ptr, "W": ptr, "Out": ptr, "Bias": ptr, "Scale": ptr, "Res": ptr, "Mean": "*fp32", "Rstd": "*fp32",
         "LnW": ptr, "LnB": ptr, "Ws": "*fp32", "WsUp": "*fp32",
-        "M": "i32", "N": "i32", "K": "i32",
+        "M": "i32", "N": "i32", "K": "i32", "a_rows_inner": "i32", "stride_a0": "i32",
         "stride_am": "i32", "stride_ak": "i32", "stride_wn": "i32", "stride_wk": "i32",
         "out_rows_inner": "i32", "out_cols_inner": "i32",
         "stride_o0": "i32", "stride_o1": "i32", "stride_o2": "i32", "stride_o3": "i32",
@@ -662,7 +771,8 @@ def gemm_aot_spec(name: str, dtype: torch.dtype, config: GemmConfig, *, activati
         "stride_ak": 1, "stride_wk": 1, "stride_o3": 1, "stride_r3": 1,
         "ACTIVATION": ACTIVATIONS[activation], "HAS_BIAS": has_bias, "HAS_SCALE": has_scale,
         "HAS_RESIDUAL": has_residual, "LN_PROLOGUE": ln_prologue, "GLU": glu, "SPLIT_K": split_k,
-        "VIEW_4D": view_4d, "ALIGNED": True, "OUT_ALIGNED": True,
+        "VIEW_4D": view_4d, "SPLIT_ROWS": split_rows, "A_SPLIT_ROWS": a_split_rows, "ALIGNED": True,
+        "OUT_ALIGNED": True,
         "DOT_PRECISION": FP32_DOT_PRECISION if dtype == torch.float32 else "tf32", **config.meta(),
     }
     signature.update({key: "constexpr" for key in constexprs})
@@ -681,22 +791,25 @@ def gemm_aot_specs(name: str, **flags) -> list:
             + [gemm_aot_spec(name, torch.float16, configs[0], **flags)])
 
 
-def layernorm_aot_spec(name: str, dtype: torch.dtype, hidden: int, *, write_y: bool = True, write_stats: bool = False):
+def layernorm_aot_spec(name: str, dtype: torch.dtype, hidden: int, *, write_y: bool = True, write_stats: bool = False,
+                       split_rows: bool = False):
     from eomt_fast.aot import KernelSpec
 
     t = _TRITON_DTYPE[dtype]
     block_c = triton.next_power_of_2(hidden)
     signature = {"X": f"*{t}", "Y": f"*{t}", "Mean": "*fp32", "Rstd": "*fp32", "LnW": f"*{t}", "LnB": f"*{t}",
-                 "M": "i32", "C": "i32", "stride_xm": "i32", "stride_ym": "i32", "eps": "fp32",
-                 "WRITE_Y": "constexpr", "WRITE_STATS": "constexpr", "ROWS": "constexpr", "BLOCK_C": "constexpr"}
-    constexprs = {"WRITE_Y": write_y, "WRITE_STATS": write_stats, "ROWS": max(1, min(16, 4096 // block_c)),
-                  "BLOCK_C": block_c}
+                 "M": "i32", "C": "i32", "x_rows_inner": "i32", "stride_xb": "i32", "stride_xm": "i32",
+                 "stride_ym": "i32", "eps": "fp32", "WRITE_Y": "constexpr", "WRITE_STATS": "constexpr",
+                 "SPLIT_ROWS": "constexpr", "ROWS": "constexpr", "BLOCK_C": "constexpr"}
+    constexprs = {"WRITE_Y": write_y, "WRITE_STATS": write_stats, "SPLIT_ROWS": split_rows,
+                  "ROWS": max(1, min(16, 4096 // block_c)), "BLOCK_C": block_c}
     return KernelSpec(name=f"{name}_{t}_C{hidden}", fn=_layernorm_rows_kernel, signature=signature,
                       constexprs=constexprs, num_warps=4 if block_c <= 1024 else 8)
 
 
 def splitk_reduce_aot_spec(name: str, dtype: torch.dtype, split_k: int, *, activation: str = "none",
-                           has_scale: bool = True, has_residual: bool = True, glu: bool = False):
+                           has_scale: bool = True, has_residual: bool = True, glu: bool = False,
+                           split_rows: bool = False):
     from eomt_fast.aot import KernelSpec
 
     t = _TRITON_DTYPE[dtype]
@@ -708,7 +821,8 @@ def splitk_reduce_aot_spec(name: str, dtype: torch.dtype, split_k: int, *, activ
                  "glu_offset": "i32"}
     constexprs = {"stride_o3": 1, "stride_r3": 1, "ACTIVATION": ACTIVATIONS[activation], "HAS_BIAS": True,
                   "HAS_SCALE": has_scale, "HAS_RESIDUAL": has_residual, "GLU": glu, "SPLIT_K": split_k,
-                  "VIEW_4D": False, "OUT_ALIGNED": True, "BLOCK_M": REDUCE_BLOCK, "BLOCK_N": REDUCE_BLOCK}
+                  "VIEW_4D": False, "SPLIT_ROWS": split_rows, "OUT_ALIGNED": True, "BLOCK_M": REDUCE_BLOCK,
+                  "BLOCK_N": REDUCE_BLOCK}
     signature.update({key: "constexpr" for key in constexprs})
     return KernelSpec(name=f"{name}_{t}_splitk{split_k}", fn=_splitk_reduce_kernel, signature=signature,
                       constexprs=constexprs, num_warps=4)
@@ -731,11 +845,20 @@ def _aot_specs() -> list:
         *(gemm_aot_spec("gemm_fp32_gelu_prologue", torch.float32, c, activation="gelu", ln_prologue=True)
           for c in gemm_configs(ln_prologue=True, fp32=True)),
         splitk_reduce_aot_spec("gemm_splitk_reduce", torch.bfloat16, 2),
+        splitk_reduce_aot_spec("gemm_splitk_reduce_rows3d", torch.bfloat16, 2, split_rows=True),
         splitk_reduce_aot_spec("gemm_splitk_reduce_glu", torch.bfloat16, 4, glu=True, activation="silu",
                                has_scale=False, has_residual=False),
         layernorm_aot_spec("layernorm_rows", torch.bfloat16, 1024),
         layernorm_aot_spec("layernorm_rows", torch.float16, 1536),
         layernorm_aot_spec("layernorm_rows_stats", torch.bfloat16, 1024, write_y=False, write_stats=True),
+        # the layers before the queries read and write a (B, S0, C) slice of the (B, S, C) token buffer
+        layernorm_aot_spec("layernorm_rows_rows3d", torch.bfloat16, 1024, split_rows=True),
+        layernorm_aot_spec("layernorm_rows_stats_rows3d", torch.bfloat16, 1024, write_y=False, write_stats=True,
+                           split_rows=True),
+        *gemm_aot_specs("gemm_rows3d_residual", has_scale=True, has_residual=True, split_rows=True),
+        *gemm_aot_specs("gemm_rows3d_a_prologue", activation="gelu", ln_prologue=True, a_split_rows=True),
+        *gemm_aot_specs("gemm_rows3d_a_prologue_glu", glu=True, activation="silu", ln_prologue=True,
+                        a_split_rows=True),
     ]
 
 

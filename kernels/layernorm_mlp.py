@@ -3,6 +3,7 @@
 - GELU MLP:  x + fc2(GELU(fc1(LN(x)))) * ls
 - SwiGLU:    x + down(silu(gate(LN x)) * up(LN x)) * ls, with gate and up as one GEMM over
   ``gate_up_weight = cat([W_gate, W_up])`` (the layout transformers 4.x stored as ``mlp.weights_in``).
+With ``out=x`` the residual stream is updated in place (the model's token buffer).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .linear import gelu_ref
+from .linear import _add_into, gelu_ref
 
 
 def layernorm_mlp_ref(
@@ -23,11 +24,14 @@ def layernorm_mlp_ref(
     fc2_weight: torch.Tensor,
     fc2_bias: torch.Tensor,
     scale: torch.Tensor,
+    *,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """x + fc2(GELU(fc1(LayerNorm(x)))) * scale, computed in the input dtype."""
+    """x + fc2(GELU(fc1(LayerNorm(x)))) * scale, computed in the input dtype; written into ``out`` when given
+    (any strides; ``x`` itself for an in-place update) and ``out`` returned."""
     h = F.layer_norm(x, (x.shape[-1],), ln_weight, ln_bias, eps)
     h = gelu_ref(F.linear(h, fc1_weight, fc1_bias))
-    return F.linear(h, fc2_weight, fc2_bias) * scale + x
+    return _add_into(F.linear(h, fc2_weight, fc2_bias) * scale, x, out)
 
 
 def layernorm_swiglu_ref(
@@ -40,11 +44,14 @@ def layernorm_swiglu_ref(
     down_weight: torch.Tensor,
     down_bias: torch.Tensor,
     scale: torch.Tensor,
+    *,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """x + down(silu(gate) * up) * scale with [gate | up] = LayerNorm(x) @ gate_up_weight^T + bias."""
+    """x + down(silu(gate) * up) * scale with [gate | up] = LayerNorm(x) @ gate_up_weight^T + bias; ``out`` as
+    in ``layernorm_mlp_ref``."""
     h = F.layer_norm(x, (x.shape[-1],), ln_weight, ln_bias, eps)
     gate, up = F.linear(h, gate_up_weight, gate_up_bias).chunk(2, dim=-1)
-    return F.linear(F.silu(gate) * up, down_weight, down_bias) * scale + x
+    return _add_into(F.linear(F.silu(gate) * up, down_weight, down_bias) * scale, x, out)
 
 
 # ---- Triton: two GEMMs of gemm.py, every elementwise op in their prologue/epilogues ------------------
@@ -63,7 +70,8 @@ from .linear import _check, _flat, _out  # noqa: E402
 
 def _launch(x, ln, fc1_weight, fc1_bias, fc2_weight, fc2_bias, scale, out, ln_mode, split_k, config, **fc1_epilogue):
     """The two GEMMs of either sublayer: h = epilogue(LN(x) @ W1^T + b1), then y = x + (h @ W2^T + b2) * scale
-    into ``out`` (checked, or a new tensor like x); ``fc1_epilogue`` the activation (and glu) of the first."""
+    into ``out`` (checked, or a new tensor like x); ``fc1_epilogue`` the activation (and glu) of the first.
+    ``out`` may be x itself: fc1 has read x before fc2 reads each element of x and writes it back."""
     _check(x, fc1_weight, fc2_weight)
     y = _out(x, x.shape[-1], out)
     x2 = _flat(x)
@@ -89,7 +97,8 @@ def layernorm_mlp_forward(
     config: _gemm.GemmConfig | None = None,
 ) -> torch.Tensor:
     """Triton ``layernorm_mlp_ref``. ``ln_mode`` "separate" / "prologue" (default ``gemm.DEFAULT_LN_MODE``),
-    ``split_k`` for fc2 (N = C gives few tiles at batch 1), ``config`` a fixed tile for both GEMMs."""
+    ``split_k`` for fc2 (N = C gives few tiles at batch 1), ``config`` a fixed tile for both GEMMs. ``out``: any
+    strides, x itself for the in-place update of the residual stream (x may be a slice of a token buffer)."""
     return _launch(x, (ln_weight, ln_bias, eps), fc1_weight, fc1_bias, fc2_weight, fc2_bias, scale, out, ln_mode,
                    split_k, config, activation="gelu")
 
@@ -117,7 +126,8 @@ def layernorm_swiglu_forward(
 
 
 # Registered ops: opaque to torch.compile (fullgraph) and safe under CUDA graphs (no host syncs; the
-# autotuner runs on the first call, so warm up before capturing).
+# autotuner runs on the first call, so warm up before capturing). The ``_into`` forms write into ``out``
+# (declared mutated, so torch.compile functionalises them); ``*_op`` is what dispatch gives the model.
 
 @torch.library.custom_op("eomt_fast::layernorm_mlp", mutates_args=())
 def layernorm_mlp(
@@ -162,7 +172,95 @@ def _(x, ln_weight, ln_bias, eps, gate_up_weight, gate_up_bias, down_weight, dow
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-TRITON_OPS = {"layernorm_mlp": layernorm_mlp, "layernorm_swiglu": layernorm_swiglu}
+@torch.library.custom_op("eomt_fast::layernorm_mlp_into", mutates_args=("out",))
+def layernorm_mlp_into(
+    x: torch.Tensor,
+    ln_weight: torch.Tensor,
+    ln_bias: torch.Tensor,
+    eps: float,
+    fc1_weight: torch.Tensor,
+    fc1_bias: torch.Tensor,
+    fc2_weight: torch.Tensor,
+    fc2_bias: torch.Tensor,
+    scale: torch.Tensor,
+    out: torch.Tensor,
+) -> None:
+    """``layernorm_mlp`` written into ``out``, which may be ``x`` itself (in place)."""
+    layernorm_mlp_forward(x, ln_weight, ln_bias, eps, fc1_weight, fc1_bias, fc2_weight, fc2_bias, scale, out=out)
+
+
+@layernorm_mlp_into.register_fake
+def _(x, ln_weight, ln_bias, eps, fc1_weight, fc1_bias, fc2_weight, fc2_bias, scale, out):
+    return None
+
+
+@torch.library.custom_op("eomt_fast::layernorm_swiglu_into", mutates_args=("out",))
+def layernorm_swiglu_into(
+    x: torch.Tensor,
+    ln_weight: torch.Tensor,
+    ln_bias: torch.Tensor,
+    eps: float,
+    gate_up_weight: torch.Tensor,
+    gate_up_bias: torch.Tensor,
+    down_weight: torch.Tensor,
+    down_bias: torch.Tensor,
+    scale: torch.Tensor,
+    out: torch.Tensor,
+) -> None:
+    """``layernorm_swiglu`` written into ``out``, which may be ``x`` itself (in place)."""
+    layernorm_swiglu_forward(x, ln_weight, ln_bias, eps, gate_up_weight, gate_up_bias, down_weight, down_bias,
+                             scale, out=out)
+
+
+@layernorm_swiglu_into.register_fake
+def _(x, ln_weight, ln_bias, eps, gate_up_weight, gate_up_bias, down_weight, down_bias, scale, out):
+    return None
+
+
+def layernorm_mlp_op(
+    x: torch.Tensor,
+    ln_weight: torch.Tensor,
+    ln_bias: torch.Tensor,
+    eps: float,
+    fc1_weight: torch.Tensor,
+    fc1_bias: torch.Tensor,
+    fc2_weight: torch.Tensor,
+    fc2_bias: torch.Tensor,
+    scale: torch.Tensor,
+    *,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """dispatch's ``layernorm_mlp`` (``layernorm_mlp_ref``'s signature): the registered op, or with ``out`` its
+    mutating form; returns ``out`` then."""
+    args = (x, ln_weight, ln_bias, eps, fc1_weight, fc1_bias, fc2_weight, fc2_bias, scale)
+    if out is None:
+        return layernorm_mlp(*args)
+    layernorm_mlp_into(*args, out)
+    return out
+
+
+def layernorm_swiglu_op(
+    x: torch.Tensor,
+    ln_weight: torch.Tensor,
+    ln_bias: torch.Tensor,
+    eps: float,
+    gate_up_weight: torch.Tensor,
+    gate_up_bias: torch.Tensor,
+    down_weight: torch.Tensor,
+    down_bias: torch.Tensor,
+    scale: torch.Tensor,
+    *,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """dispatch's ``layernorm_swiglu`` (``layernorm_swiglu_ref``'s signature), as ``layernorm_mlp_op``."""
+    args = (x, ln_weight, ln_bias, eps, gate_up_weight, gate_up_bias, down_weight, down_bias, scale)
+    if out is None:
+        return layernorm_swiglu(*args)
+    layernorm_swiglu_into(*args, out)
+    return out
+
+
+TRITON_OPS = {"layernorm_mlp": layernorm_mlp_op, "layernorm_swiglu": layernorm_swiglu_op}
 
 # The GEMMs of these ops at their GPU configurations (EoMT-L: C 1024, MLP 4096), for check-kernels.
 def _aot_specs() -> list:

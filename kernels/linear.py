@@ -1,7 +1,8 @@
 """Projection GEMMs with their epilogues (and the prologue LayerNorm of the QKV projection).
 
 - ``layernorm_linear_ref``: LN1 + fused QKV projection, y = LN(x) @ W^T + b, W = cat([Wq, Wk, Wv]).
-- ``linear_residual_ref``: output projection + bias + LayerScale + residual, r + (x @ W^T + b) * ls.
+- ``linear_residual_ref``: output projection + bias + LayerScale + residual, r + (x @ W^T + b) * ls; with
+  ``out=r`` the residual stream is updated in place (the model's token buffer).
 - ``mask_head_ref``: the mask head MLP, fc3(GELU(fc2(GELU(fc1(x))))).
 All references compute in the input dtype; the GELU is the exact erf form.
 """
@@ -30,15 +31,29 @@ def layernorm_linear_ref(
     return F.linear(h, weight, bias)
 
 
+def _add_into(y: torch.Tensor, residual: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """y + residual, as a new tensor or written into ``out``; the same rounding either way (``residual.add_(y)``
+    when out is the residual: addition commutes exactly). No ``torch.add(..., out=)``: torch.compile
+    does not trace it into a strided view of a buffer."""
+    if out is None:
+        return y + residual
+    if out is residual:
+        return out.add_(y)
+    return out.copy_(y + residual)
+
+
 def linear_residual_ref(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     scale: torch.Tensor,
     residual: torch.Tensor,
+    *,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """residual + (x @ W^T + b) * scale, scale a per-channel LayerScale vector."""
-    return F.linear(x, weight, bias) * scale + residual
+    """residual + (x @ W^T + b) * scale, scale a per-channel LayerScale vector. With ``out`` (any strides;
+    ``residual`` itself for an in-place update) the result is written there and ``out`` returned."""
+    return _add_into(F.linear(x, weight, bias) * scale, residual, out)
 
 
 def mask_head_ref(
@@ -77,19 +92,21 @@ def _check(x: torch.Tensor, *weights: torch.Tensor) -> None:
 
 
 def _out(x: torch.Tensor, n: int, out: torch.Tensor | None) -> torch.Tensor:
-    """A new (..., n) output like x, or the caller's ``out`` after checking it."""
+    """A new contiguous (..., n) output like x, or the caller's ``out`` (any strides: e.g. a slice of the
+    model's token buffer) after checking it."""
     shape = (*x.shape[:-1], n)
     if out is None:
         return x.new_empty(shape)
-    if tuple(out.shape) != shape or out.dtype != x.dtype or not out.is_contiguous():
-        raise ValueError(f"out must be a contiguous {x.dtype} tensor of shape {shape}, "
-                         f"got {out.dtype} {tuple(out.shape)}")
+    if tuple(out.shape) != shape or out.dtype != x.dtype or out.device != x.device:
+        raise ValueError(f"out must be a {x.dtype} tensor of shape {shape} on {x.device}, "
+                         f"got {out.dtype} {tuple(out.shape)} on {out.device}")
     return out
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
-    """(..., C) -> (M, C): a view whenever the layout allows one (the kernels take any row stride)."""
-    return t.reshape(-1, t.shape[-1])
+    """(..., C) -> rows for gemm(): an (M, C) view, or an (Mo, Mi, C) view when the rows are not evenly
+    strided (a slice of the token buffer); never a copy (``gemm.as_rows``)."""
+    return _gemm.as_rows(t)
 
 
 def layernorm_linear_forward(
@@ -125,7 +142,8 @@ def linear_residual_forward(
     split_k: int = 1,
     config: _gemm.GemmConfig | None = None,
 ) -> torch.Tensor:
-    """Triton ``linear_residual_ref``: residual + (x @ W^T + b) * scale in one GEMM epilogue.
+    """Triton ``linear_residual_ref``: residual + (x @ W^T + b) * scale in one GEMM epilogue, into ``out`` when
+    given (any strides; ``out`` may be ``residual`` itself: the in-place update of the residual stream).
 
     ``split_k`` > 1 splits K (for few output tiles at batch 1), ``config`` fixes the tile."""
     _check(x, weight)
@@ -161,7 +179,9 @@ def mask_head_forward(
 
 
 # Registered ops: opaque to torch.compile (fullgraph) and safe under CUDA graphs (no host syncs; the
-# autotuner runs on the first call, so warm up before capturing).
+# autotuner runs on the first call, so warm up before capturing). ``out_projection_into`` writes into
+# ``out`` (declared mutated, so torch.compile functionalises it); ``out_projection_op`` is what dispatch
+# gives the model.
 
 @torch.library.custom_op("eomt_fast::layernorm_qkv", mutates_args=())
 def layernorm_linear(
@@ -198,6 +218,24 @@ def _(x, weight, bias, scale, residual):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
+@torch.library.custom_op("eomt_fast::out_projection_into", mutates_args=("out",))
+def linear_residual_into(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    scale: torch.Tensor,
+    residual: torch.Tensor,
+    out: torch.Tensor,
+) -> None:
+    """``linear_residual`` written into ``out``, which may be ``residual`` itself (in place)."""
+    linear_residual_forward(x, weight, bias, scale, residual, out=out)
+
+
+@linear_residual_into.register_fake
+def _(x, weight, bias, scale, residual, out):
+    return None
+
+
 @torch.library.custom_op("eomt_fast::mask_head", mutates_args=())
 def mask_head(
     x: torch.Tensor,
@@ -217,7 +255,24 @@ def _(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, fc3_weight, fc3_bias):
     return x.new_empty((*x.shape[:-1], fc3_weight.shape[0]))
 
 
-TRITON_OPS = {"layernorm_qkv": layernorm_linear, "out_projection": linear_residual, "mask_head": mask_head}
+def out_projection_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    scale: torch.Tensor,
+    residual: torch.Tensor,
+    *,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """dispatch's ``out_projection`` (``linear_residual_ref``'s signature): the registered op, or with ``out``
+    its mutating form; returns ``out`` then. One Python function, traced through by torch.compile."""
+    if out is None:
+        return linear_residual(x, weight, bias, scale, residual)
+    linear_residual_into(x, weight, bias, scale, residual, out)
+    return out
+
+
+TRITON_OPS = {"layernorm_qkv": layernorm_linear, "out_projection": out_projection_op, "mask_head": mask_head}
 
 # The GEMMs of these ops at their GPU configurations (EoMT-L: C 1024, QKV N 3072), for check-kernels.
 def _aot_specs() -> list:

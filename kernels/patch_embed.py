@@ -17,8 +17,12 @@ def patch_embed_ref(
     bias: torch.Tensor,
     position_embeddings: torch.Tensor,
     patch_size: int,
+    *,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """pixel_values (B, ch, H, W), weight (C, ch*p*p), bias (C,), position_embeddings (P, C) -> (B, P, C)."""
+    """pixel_values (B, ch, H, W), weight (C, ch*p*p), bias (C,), position_embeddings (P, C) -> (B, P, C),
+    written into ``out`` (a (B, P, C) view of any strides, e.g. the patch rows of the model's token buffer)
+    and ``out`` returned when given."""
     batch, channels, height, width = pixel_values.shape
     gh, gw = height // patch_size, width // patch_size
     patches = (
@@ -26,7 +30,8 @@ def patch_embed_ref(
         .permute(0, 2, 4, 1, 3, 5)
         .reshape(batch, gh * gw, channels * patch_size * patch_size)
     )
-    return F.linear(patches, weight, bias) + position_embeddings
+    y = F.linear(patches, weight, bias) + position_embeddings
+    return y if out is None else out.copy_(y)
 
 
 # ---- Triton: the patch GEMM, im2col in the A-operand addressing ----------------------------------------
@@ -264,7 +269,24 @@ def _(pixel_values, weight, bias, position_embeddings, patch_size, out):
     return None
 
 
-TRITON_OPS = {"patch_embed": patch_embed}
+def patch_embed_op(
+    pixel_values: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    position_embeddings: torch.Tensor,
+    patch_size: int,
+    *,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """dispatch's ``patch_embed`` (``patch_embed_ref``'s signature): the registered op, or with ``out``
+    ``patch_embed_into``; returns ``out`` then."""
+    if out is None:
+        return patch_embed(pixel_values, weight, bias, position_embeddings, patch_size)
+    patch_embed_into(pixel_values, weight, bias, position_embeddings, patch_size, out)
+    return out
+
+
+TRITON_OPS = {"patch_embed": patch_embed_op}
 
 
 # ---- ahead-of-time compile checks (eomt-fast check-kernels) ----------------------------------------------

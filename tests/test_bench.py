@@ -136,6 +136,23 @@ def test_runs_on_the_same_day_and_device_merge_by_key(tmp_path):
     assert [r["command"] for r in doc["runs"]] == ["first", "second", "third"]
 
 
+def test_peak_memory_fields_are_mib_or_absent(tmp_path):
+    """CUDA rows hold peak memory in MiB (shown in the markdown); CPU rows hold none (an empty cell)."""
+    rows = [row(peak_mem_mb=1234.4, forward_mem_mb=234.4, weights_mb=1000.0), row("transformers-sdpa", 20.0)]
+    path = harness.write_results(rows, ENV, CEILINGS, tmp_path, command="test")
+    md = path.with_suffix(".md").read_text()
+    assert "peak MiB (CUDA)" in md
+    assert "| 1234 |" in md and md.splitlines()[[i for i, line in enumerate(md.splitlines())
+                                                  if "transformers-sdpa" in line][0]].endswith("|  |")
+    for bad in (-1.0, math.nan, "12", 12):
+        doc = {"device": "d", "torch": "t", "triton": "t", "commit": "c", "date": "d", "ceilings": dict(CEILINGS),
+               "results": [row(peak_mem_mb=bad)]}
+        with pytest.raises(harness.SchemaError, match="peak_mem_mb"):
+            harness.validate(doc)
+    harness.validate({"device": "d", "torch": "t", "triton": "t", "commit": "c", "date": "d",
+                      "ceilings": dict(CEILINGS), "results": [row(peak_mem_mb=None)]})
+
+
 def test_timing_statistics():
     assert harness.percentile([3.0, 1.0, 2.0, 4.0, 5.0], 0.5) == 3.0
     assert harness.percentile([1.0, 2.0], 0.2) == pytest.approx(1.2)
@@ -167,6 +184,32 @@ def test_bench_tiny_end_to_end_writes_eomt_fast_and_transformers_rows(tmp_path, 
     flops = {r["masking"]: r["flops"] for r in doc["results"]}
     assert flops[True] > flops[False]
     assert path.with_suffix(".md").exists() and path.with_suffix(".png").exists()
+
+
+def test_cuda_only_rows_are_left_out_on_a_cpu_with_a_note():
+    import argparse
+
+    args = argparse.Namespace(impls=None, no_compile=True)
+    names, notes = bench._selected_impls(args, torch.device("cpu"))
+    assert "eomt_fast" in names and "eomt_fast-cuda-graphs" not in names
+    assert any("cuda-graphs" in note and "CUDA only" in note for note in notes)
+    names, _ = bench._selected_impls(argparse.Namespace(impls=None, no_compile=True), torch.device("cuda"))
+    assert names[:2] == ["eomt_fast", "eomt_fast-cuda-graphs"]  # plan() only: nothing runs on the device here
+
+
+@pytest.mark.gpu
+def test_bench_tiny_on_cuda_has_cuda_graph_rows_and_peak_memory(tmp_path):
+    """On a GPU: the eomt_fast-cuda-graphs row next to eomt_fast, and peak memory (MiB) on every row."""
+    pytest.importorskip("transformers")
+    assert cli.main(["bench", "--model", "tiny", "--no-compile", "--quick", "--batch", "1", "2",
+                     "--impls", "eomt_fast", "eomt_fast-cuda-graphs", "transformers-sdpa",
+                     "--results-dir", str(tmp_path)]) == 0
+    doc = harness.load(next(tmp_path.glob("*.json")))
+    assert {(r["impl"], r["batch"], r["masking"]) for r in doc["results"]} == {
+        (impl, batch, masking) for impl in ("eomt_fast", "eomt_fast-cuda-graphs", "transformers-sdpa")
+        for batch in (1, 2) for masking in (False, True)}
+    for r in doc["results"]:
+        assert r["peak_mem_mb"] > r["weights_mb"] > 0 and r["forward_mem_mb"] > 0, r
 
 
 def test_bench_refuses_to_time_a_wrong_implementation(tmp_path, monkeypatch, capsys):

@@ -189,6 +189,88 @@ def test_layernorm_rows(shape, dtype):
     torch.testing.assert_close(rstd.double(), (xd.var(1, unbiased=False) + 1e-6).rsqrt(), rtol=1e-5, atol=1e-5)
 
 
+def test_as_rows_is_a_view_and_splits_only_uneven_rows():
+    tokens = torch.randn(3, 12, 8)
+    flat = G.as_rows(tokens)  # contiguous: one (M, K) view
+    assert flat.shape == (36, 8) and flat.data_ptr() == tokens.data_ptr() and torch.equal(flat, tokens.view(36, 8))
+    one = G.as_rows(tokens[:1, 5:])  # a batch of one: rows evenly strided
+    assert one.shape == (7, 8) and one.data_ptr() == tokens[:1, 5:].data_ptr() and torch.equal(one, tokens[0, 5:])
+    body = tokens[:, 5:]  # rows 12 * 8 apart between images: stays 3-D, the same view
+    assert G.as_rows(body) is body
+    wide = torch.randn(2, 3, 4, 8)
+    assert G.as_rows(wide).shape == (24, 8)
+    with pytest.raises(RuntimeError):  # leading dims that do not merge without a copy
+        G.as_rows(wide.transpose(0, 1))
+
+
+def token_layer_case(dtype, batch=3, queries=5, seq0=37, k=48, seed=5):
+    """The layers before the queries: a (B, S0, K) slice tokens[:, Q:] of a (B, Q + S0, K) token buffer whose
+    query rows are poisoned (rows (Q + S0) * K apart between images)."""
+    rnd = normal_sampler(torch.Generator().manual_seed(seed), dtype)
+    tokens = poison_(torch.empty(batch, queries + seq0, k, dtype=dtype))
+    tokens[:, queries:] = rnd(batch, seq0, k, mean=0.3)
+    return tokens, tokens[:, queries:], rnd
+
+
+@pytest.mark.parametrize("ln_mode", G.LN_MODES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+def test_gemm_reads_a_token_buffer_slice_in_place(dtype, ln_mode):
+    """A = a row-split slice (LayerNorm'd by the row kernel or in the prologue), read through its strides:
+    the poisoned query rows would turn the result to NaN."""
+    tokens, body, rnd = token_layer_case(dtype)
+    w, bias, ln = rnd(64, 48, std=48**-0.5), rnd(64, std=0.1), (rnd(48, std=0.1, mean=1.0), rnd(48, std=0.1), 1e-6)
+    ours = G.gemm(body, w, bias, activation="gelu", ln=ln, ln_mode=ln_mode)
+    assert ours.shape == (3 * 37, 64)
+    flat = body.reshape(-1, 48)  # a copy, for the references only
+    exact = gemm_ref(flat.double(), w.double(), bias.double(), "gelu", ln=upcast({"ln": ln})["ln"])
+    assert_close(ours, gemm_ref(flat, w, bias, "gelu", ln=ln), exact)
+
+
+@pytest.mark.parametrize("split_k", [1, 2])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+def test_gemm_in_place_residual_on_a_token_buffer_slice(dtype, split_k):
+    """out = residual = the row-split slice: residual + (a @ W^T + b) * scale written back in place, nothing
+    outside the slice touched; a 2-D out with that residual (split alike) gives the same result."""
+    tokens, body, rnd = token_layer_case(dtype)
+    a, w, bias, scale = rnd(3 * 37, 64, mean=0.3), rnd(48, 64, std=64**-0.5), rnd(48, std=0.1), rnd(48, std=0.5)
+    residual = body.clone()
+    assert G.gemm(a, w, bias, scale=scale, residual=body, out=body, split_k=split_k) is body
+    assert torch.isnan(tokens[:, :5]).all(), "wrote outside the slice"
+    flat = residual.reshape(-1, 48)
+    exact = gemm_ref(a.double(), w.double(), bias.double(), scale=scale.double(), residual=flat.double())
+    theirs = gemm_ref(a, w, bias, scale=scale, residual=flat)
+    assert_close(body.reshape(-1, 48), theirs, exact)
+    out = poison_(torch.empty(3 * 37, 48, dtype=dtype))
+    G.gemm(a, w, bias, scale=scale, residual=residual, out=out, split_k=split_k)  # residual 3-D, out 2-D
+    assert torch.equal(out, body.reshape(-1, 48))
+
+
+def test_gemm_in_place_needs_the_same_view():
+    """out may be the residual itself, not a view that overlaps it shifted by a row."""
+    tokens, body, rnd = token_layer_case(torch.float32)
+    a, w = rnd(3 * 36, 64), rnd(48, 64, std=64**-0.5)
+    with pytest.raises(ValueError, match="share memory"):
+        G.gemm(a, w, residual=tokens[:, 5:-1], out=tokens[:, 6:])
+    # an in-place call on a GPU is autotuned with out restored after each benchmark run
+    assert G._tuned_kernel(False, False, False, False, True).restore_value == ["Out"]
+    assert not G._tuned_kernel(False, False, False, False).restore_value
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+def test_layernorm_rows_of_a_token_buffer_slice(dtype):
+    _, body, _ = token_layer_case(dtype, seed=6)
+    w, b = torch.randn(48).to(dtype), torch.randn(48).to(dtype)
+    out = G.layernorm(body, w, b, 1e-6)
+    assert out.shape == (3 * 37, 48)
+    flat = body.reshape(-1, 48)
+    assert_close(out, F.layer_norm(flat, (48,), w, b, 1e-6), F.layer_norm(flat.double(), (48,), w.double(), b.double(),
+                                                                            1e-6))
+    mean, rstd = G.row_stats(body, 1e-6)
+    torch.testing.assert_close(mean.double(), flat.double().mean(1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rstd.double(), (flat.double().var(1, unbiased=False) + 1e-6).rsqrt(), rtol=1e-4,
+                               atol=1e-4)
+
+
 def test_gemm_empty_and_invalid():
     a, w = torch.randn(0, 32).half(), torch.randn(16, 32).half()
     assert G.gemm(a, w).shape == (0, 16)
@@ -261,6 +343,26 @@ REAL_CASES = [  # (M, K, N, flags): QKV, out-projection, fc1, fc2, SwiGLU fc1 of
 def test_gemm_real_shapes_gpu(case, dtype):
     m, k, n, flags = case
     check_gemm(m, k, n, dtype, {"bias": True, **flags}, device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=DTYPE_IDS.get)
+def test_gemm_in_place_token_buffer_gpu(dtype):
+    """EoMT-L's first layers at batch 2: fc2 (K 4096) adds into the (2, 1605, 1024) slice of the (2, 1805, 1024)
+    token buffer in place, at an M the autotuner has not seen (it benchmarks every config, restoring out after
+    each run: without that the residual would be added once per run)."""
+    g = torch.Generator().manual_seed(7)
+    rnd = normal_sampler(g, dtype, "cuda")
+    tokens = poison_(torch.empty(2, 1805, 1024, dtype=dtype, device="cuda"))
+    body = tokens[:, 200:]
+    body.copy_(rnd(2, 1605, 1024))
+    a, w, bias, scale = rnd(2 * 1605, 4096), rnd(1024, 4096, std=4096**-0.5), rnd(1024, std=0.1), rnd(1024, std=0.5)
+    residual = body.clone()
+    G.gemm(a, w, bias, scale=scale, residual=body, out=body)
+    assert torch.isnan(tokens[:, :200]).all()
+    flat = residual.reshape(-1, 1024)
+    exact = gemm_ref(a.double(), w.double(), bias.double(), scale=scale.double(), residual=flat.double())
+    assert_close(body.reshape(-1, 1024), gemm_ref(a, w, bias, scale=scale, residual=flat), exact)
 
 
 @pytest.mark.gpu

@@ -13,9 +13,13 @@ from eomt_fast.kernels.layernorm_mlp import (
     TRITON_OPS,
     layernorm_mlp,
     layernorm_mlp_forward,
+    layernorm_mlp_into,
+    layernorm_mlp_op,
     layernorm_mlp_ref,
     layernorm_swiglu,
     layernorm_swiglu_forward,
+    layernorm_swiglu_into,
+    layernorm_swiglu_op,
     layernorm_swiglu_ref,
 )
 from eomt_fast.testing import DTYPE_IDS, assert_close_to_ref, normal_sampler
@@ -69,15 +73,66 @@ def test_layernorm_mlp_batched_split_k(op):
     assert_close_to_ref(out, ref, args)
 
 
+REGISTERED = {"layernorm_mlp": (layernorm_mlp, layernorm_mlp_into, layernorm_mlp_op),
+              "layernorm_swiglu": (layernorm_swiglu, layernorm_swiglu_into, layernorm_swiglu_op)}
+
+
 @pytest.mark.parametrize("name", ["layernorm_mlp", "layernorm_swiglu"])
 def test_registered_op(name):
-    """torch.library.opcheck (schema, fake tensor, dispatch) and the TRITON_OPS entry."""
-    op = TRITON_OPS[name]
-    assert op is {"layernorm_mlp": layernorm_mlp, "layernorm_swiglu": layernorm_swiglu}[name]
+    """torch.library.opcheck (schema, fake tensor, dispatch) of the functional and the mutating op, and the
+    TRITON_OPS entry (dispatch's function over both)."""
+    op, op_into, entry = REGISTERED[name]
+    assert TRITON_OPS[name] is entry
     args = make_inputs(5, 32, swiglu=name == "layernorm_swiglu", dtype=torch.float32, batch=2)
     torch.library.opcheck(op, args)
+    torch.library.opcheck(op_into, (*args, poison_(torch.empty_like(args[0]))))
     ref = layernorm_swiglu_ref if name == "layernorm_swiglu" else layernorm_mlp_ref
     assert_close_to_ref(op(*args), ref, args)
+    assert torch.equal(entry(*args), op(*args))
+
+
+@pytest.mark.parametrize("ln_mode", gemm.LN_MODES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("op", OPS)
+def test_in_place_on_a_token_buffer_slice(op, dtype, ln_mode):
+    """x = out = the (B, S0, C) slice tokens[:, Q:] of a token buffer with poisoned query rows (rows
+    (Q + S0) * C apart between images): read (LN, also in the GEMM prologue) and updated in place through its
+    strides, the query rows neither read nor written; equal to the functional op on a copy."""
+    forward, ref = OPS[op]
+    batch, queries, seq0, c = 3, 5, 37, 48
+    args = make_inputs(seq0, c, swiglu=op == "swiglu", dtype=dtype, batch=batch, seed=4)
+    tokens = poison_(torch.empty(batch, queries + seq0, c, dtype=dtype))
+    body = tokens[:, queries:]
+    body.copy_(args[0])
+    assert forward(body, *args[1:], out=body, ln_mode=ln_mode) is body
+    assert torch.isnan(tokens[:, :queries]).all(), "wrote outside the slice"
+    assert_close_to_ref(body, ref, args)
+    assert torch.equal(body, forward(*args, ln_mode=ln_mode))
+
+
+@pytest.mark.parametrize("name", ["layernorm_mlp", "layernorm_swiglu"])
+def test_out_in_the_reference_and_the_dispatch_entry(name):
+    """out=x in the reference: in place, bit for bit its functional result; the dispatch entry with out=x
+    updates x, also inside a torch.compile(fullgraph) graph (functionalised mutating op)."""
+    _, _, entry = REGISTERED[name]
+    ref = layernorm_swiglu_ref if name == "layernorm_swiglu" else layernorm_mlp_ref
+    args = make_inputs(7, 32, swiglu=name == "layernorm_swiglu", dtype=torch.float32, batch=2, seed=6)
+    x = args[0].clone()
+    assert ref(x, *args[1:], out=x) is x
+    assert torch.equal(x, ref(*args))
+    y = args[0].clone()
+    assert entry(y, *args[1:], out=y) is y
+    assert torch.equal(y, entry(*args))
+
+    def sublayer(tokens, *weights):
+        body = tokens[:, 3:]
+        entry(body, *weights, out=body)
+        return tokens + 1
+
+    tokens = torch.randn(2, 10, 32)
+    compiled = torch.compile(sublayer, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(tokens.clone(), *args[1:]), sublayer(tokens.clone(), *args[1:]), rtol=0,
+                               atol=0)
 
 
 def test_compiles_fullgraph():

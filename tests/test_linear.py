@@ -12,12 +12,17 @@ import torch
 from eomt_fast.kernels import gemm
 from eomt_fast.kernels.linear import (
     TRITON_OPS,
+    layernorm_linear,
     layernorm_linear_forward,
     layernorm_linear_ref,
+    linear_residual,
     linear_residual_forward,
+    linear_residual_into,
     linear_residual_ref,
+    mask_head,
     mask_head_forward,
     mask_head_ref,
+    out_projection_op,
 )
 from eomt_fast.testing import DTYPE_IDS, assert_close, assert_close_to_ref, normal_sampler
 from tests.conftest import poison_
@@ -71,16 +76,66 @@ def test_split_k(op):
     run(op, make_inputs(op, 37, 96, torch.float16, batch=3, bias=op == "mask_head"), split_k=2)
 
 
+REGISTERED = {"layernorm_qkv": layernorm_linear, "out_projection": linear_residual, "mask_head": mask_head}
+
+
 @pytest.mark.parametrize("op", OPS)
 def test_registered_op(op):
     """torch.library.opcheck (schema, fake tensor, dispatch), and one torch.compile(fullgraph) graph."""
     args = make_inputs(op, 5, 32, torch.float32, batch=2)
-    torch.library.opcheck(TRITON_OPS[op], args)
-    compiled = torch.compile(TRITON_OPS[op], fullgraph=True, backend="aot_eager")
-    torch.testing.assert_close(compiled(*args), TRITON_OPS[op](*args), rtol=0, atol=0)
+    torch.library.opcheck(REGISTERED[op], args)
+    compiled = torch.compile(REGISTERED[op], fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(*args), REGISTERED[op](*args), rtol=0, atol=0)
     if op != "mask_head":  # bias is optional in the schema
         args = make_inputs(op, 5, 32, torch.float32, batch=2, bias=False)
-        torch.library.opcheck(TRITON_OPS[op], args)
+        torch.library.opcheck(REGISTERED[op], args)
+    assert TRITON_OPS[op] is (out_projection_op if op == "out_projection" else REGISTERED[op])
+
+
+def token_buffer_case(dtype, batch=3, queries=5, seq0=37, c=48, seed=3):
+    """out_projection's arguments on the model's layout: the residual is the (B, S0, C) slice tokens[:, Q:] of
+    a (B, Q + S0, C) token buffer whose query rows are poisoned (rows (Q + S0) * C apart between images)."""
+    args = make_inputs("out_projection", seq0, c, dtype, batch=batch, seed=seed)
+    tokens = poison_(torch.empty(batch, queries + seq0, c, dtype=dtype))
+    tokens[:, queries:] = args[4]
+    return args[:4], tokens, tokens[:, queries:]
+
+
+@pytest.mark.parametrize("split_k", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=DTYPE_IDS.get)
+def test_out_projection_in_place_on_a_token_buffer_slice(dtype, split_k):
+    """out = residual = a strided slice of the token buffer: updated in place through its strides (no copy),
+    the poisoned query rows neither read nor written; the same result as the functional op."""
+    head, tokens, body = token_buffer_case(dtype)
+    residual = body.clone()
+    assert linear_residual_forward(*head, body, out=body, split_k=split_k) is body
+    assert torch.isnan(tokens[:, :5]).all(), "wrote outside the slice"
+    assert_close_to_ref(body, linear_residual_ref, (*head, residual))
+    assert torch.equal(body, linear_residual_forward(*head, residual, split_k=split_k))
+
+
+def test_out_projection_op_and_reference_take_out():
+    """dispatch's out_projection (Triton) and linear_residual_ref with out=residual: in place, equal to their
+    functional results (the reference bit for bit); the mutating op passes opcheck and compiles (fullgraph)."""
+    head, tokens, body = token_buffer_case(torch.float32)
+    residual = body.clone()
+    ref_tokens = tokens.clone()
+    assert linear_residual_ref(*head, ref_tokens[:, 5:], out=ref_tokens[:, 5:]) is not None
+    assert torch.equal(ref_tokens[:, 5:], linear_residual_ref(*head, residual))
+    assert out_projection_op(*head, body, out=body) is body
+    assert torch.equal(body, out_projection_op(*head, residual))
+    out = poison_(torch.empty_like(residual))
+    torch.library.opcheck(linear_residual_into, (*head, residual, out))
+
+    def layer(tokens, *head):
+        x = tokens[:, 5:]
+        out_projection_op(*head, x, out=x)
+        return tokens * 2
+
+    _, fresh, _ = token_buffer_case(torch.float32)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    expected = layer(fresh.clone(), *head)
+    torch.testing.assert_close(compiled(fresh.clone(), *head), expected, rtol=0, atol=0, equal_nan=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=DTYPE_IDS.get)
@@ -99,9 +154,11 @@ def test_encoder_layer_with_triton_ops(swiglu, dtype):
     references = {op: getattr(kernels, ref) for op, (ref, _) in dispatch.OPS.items()}
     triton_ops = {**references, **TRITON_OPS, **layernorm_mlp.TRITON_OPS}
     x = torch.randn(2, 21, 48)
-    exact = model.double().layers[0](x.double(), None, 0, references)
+    exact = model.double().layers[0](x.double(), None, 0, references)  # the layer updates its input in place
     layer = model.to(dtype).layers[0]
-    assert_close(layer(x.to(dtype), None, 0, triton_ops), layer(x.to(dtype), None, 0, references), exact)
+    ours, theirs = x.to(dtype), x.to(dtype).clone()
+    assert layer(ours, None, 0, triton_ops) is ours and layer(theirs, None, 0, references) is theirs
+    assert_close(ours, theirs, exact)
 
 
 # ---- GPU: EoMT-L (C 1024) at batch 1 and 8 ---------------------------------------------------------------

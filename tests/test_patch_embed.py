@@ -14,6 +14,7 @@ from eomt_fast.kernels.patch_embed import (
     patch_embed,
     patch_embed_forward,
     patch_embed_into,
+    patch_embed_op,
     patch_embed_ref,
 )
 from eomt_fast.testing import DTYPE_IDS, assert_close_to_ref, compile_aot_specs_sm90, normal_sampler
@@ -75,7 +76,7 @@ def test_registered_ops():
     the dispatch entry."""
     from eomt_fast.dispatch import triton_ops
 
-    assert TRITON_OPS["patch_embed"] is patch_embed and triton_ops()["patch_embed"] is patch_embed
+    assert TRITON_OPS["patch_embed"] is patch_embed_op and triton_ops()["patch_embed"] is patch_embed_op
     args = make_inputs(2, 3, 4, 2, 16, torch.float32, seed=3)
     torch.library.opcheck(patch_embed, args)
     torch.library.opcheck(patch_embed_into, (*args, torch.empty(2, 4, 16)))
@@ -85,6 +86,18 @@ def test_registered_ops():
     out = poison_(torch.empty(2, 4, 16))
     patch_embed_into(*args, out)
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+def test_dispatch_entry_and_reference_write_into_the_token_buffer():
+    """dispatch's patch_embed with out= (the model's call): the Triton entry (patch_embed_into) and the
+    reference write the patch rows of a poisoned token buffer, and give what they give without out."""
+    batch, prefix = 2, 3
+    args = make_inputs(batch, 3, 4, 2, 16, torch.float32, seed=4)
+    for fn in (patch_embed_op, patch_embed_ref):
+        tokens = poison_(torch.empty(batch, prefix + 4, 16))
+        assert fn(*args, out=tokens[:, prefix:]) is not None
+        assert torch.isnan(tokens[:, :prefix]).all(), "wrote outside the patch slice"
+        assert torch.equal(tokens[:, prefix:], fn(*args))
 
 
 def test_invalid_inputs():

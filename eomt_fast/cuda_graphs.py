@@ -1,0 +1,173 @@
+"""CUDA-graph execution of the model's forward: one graph captured per input shape, then replayed.
+
+At batch 1 the network is launch bound (about 15 kernels a layer, 24 layers for EoMT-L): replaying a
+captured graph launches all of them at once. ``model.enable_cuda_graphs()`` (or ``cuda_graphs=True`` on
+``from_pretrained`` / ``from_hf``) routes ``model(pixel_values)`` through a ``CudaGraphs``; one can also
+be called directly, ``CudaGraphs(model)(pixel_values)``, leaving ``model`` itself eager.
+
+- A graph per key: the input shape, the model's device, dtype and backend, and its ``attn_mask_probs``
+  (which layers compute a mask is decided on the host, so each setting is a graph of its own).
+- First call of a key: a static input is allocated in the model's dtype and the caller's pixel_values are
+  copied into it (cast on the way); the forward runs ``warmup`` times on a side stream (Triton compiles
+  and autotunes there, the host caches of ``ops`` and ``masking_probs`` fill), then one forward is
+  captured, with its own memory pool that holds the token buffer and every intermediate.
+- Every call: copy the caller's pixel_values into the static input, replay, and return clones of the
+  static outputs. ``clone_outputs=False`` returns the static outputs themselves (no copy; they are
+  overwritten by the next call of the same key, so read or copy them first). The caller's pixel_values
+  are only read.
+
+Limits, each a clear error: the model must be on CUDA and its parameters must not require grad (inference
+only, like the eager forward); pixel_values must not require grad; a ``generator`` cannot drive the random
+unmasking of layers whose attn_mask_probs lies strictly between 0 and 1 (the graph draws from the default
+CUDA generator, as captured graphs can). Under ``torch.compile`` the model bypasses these graphs (use
+``mode="reduce-overhead"`` there). Moving or casting the model drops its graphs; replacing a parameter
+object by hand is not detected (load new weights with ``load_state_dict``, which copies in place).
+
+The capture is injectable (``capture=``): ``capture_eagerly`` runs the same buffer and key logic on any
+device without a graph, for tests and debugging.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from .model import EomtFastForUniversalSegmentation, EomtFastOutput
+
+Outputs = tuple[torch.Tensor, ...]
+# given a function of the static input, returns (replay, its static outputs): what capturing a graph gives
+Capture = Callable[[Callable[[], Outputs]], tuple[Callable[[], None], Outputs]]
+
+
+def capture_cuda_graph(fn: Callable[[], Outputs], warmup: int = 2) -> tuple[Callable[[], None], Outputs]:
+    """Run ``fn`` ``warmup`` times on a side stream (JIT compiles, autotuning and host caches stay out of
+    the capture), then capture one call into a CUDA graph with a private memory pool. Returns the graph's
+    replay and the outputs of the captured call, which every replay rewrites (nothing runs until then)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = fn()
+    return graph.replay, tuple(outputs)
+
+
+def capture_eagerly(fn: Callable[[], Outputs]) -> tuple[Callable[[], None], Outputs]:
+    """A stand-in for ``capture_cuda_graph`` on any device: 'replay' runs ``fn`` again (on the same static
+    input) and writes its results into the outputs of the first run, as a graph replay rewrites its static
+    outputs. For tests of the buffer and key logic, and for debugging."""
+    outputs = tuple(fn())
+
+    def replay() -> None:
+        # the static outputs may be inference tensors (first call under torch.inference_mode)
+        with torch.inference_mode(any(torch.is_inference(t) for t in outputs)):
+            for static, new in zip(outputs, fn()):
+                static.copy_(new)
+
+    return replay, outputs
+
+
+@dataclass
+class _Graph:
+    static_input: torch.Tensor
+    outputs: Outputs
+    replay: Callable[[], None]
+
+
+class CudaGraphs:
+    """``model``'s forward as CUDA graphs, one per input shape and masking setting (module docstring)."""
+
+    def __init__(
+        self,
+        model: EomtFastForUniversalSegmentation,
+        *,
+        clone_outputs: bool = True,
+        warmup: int = 2,
+        capture: Capture | None = None,
+    ) -> None:
+        self.model = model
+        self.clone_outputs = clone_outputs
+        self._capture: Capture = capture or functools.partial(capture_cuda_graph, warmup=warmup)
+        self._needs_cuda = capture is None
+        self._graphs: dict[tuple, _Graph] = {}
+        self._check_model()
+
+    def _check_model(self) -> None:
+        model = self.model
+        if self._needs_cuda and model.device.type != "cuda":
+            raise RuntimeError(f"cuda_graphs=True needs the model on a CUDA device, it is on {model.device} "
+                               "(load it with device='cuda', or leave cuda_graphs off)")
+        grads = [name for name, p in model.named_parameters() if p.requires_grad]
+        if grads:
+            raise RuntimeError(f"cuda_graphs=True runs inference only, but parameters require grad: {grads[:3]}"
+                               f"{' ...' if len(grads) > 3 else ''} (call model.requires_grad_(False))")
+
+    def __len__(self) -> int:
+        """The number of captured graphs."""
+        return len(self._graphs)
+
+    def clear(self) -> None:
+        """Drop every captured graph (and with it its memory pool and static buffers)."""
+        self._graphs.clear()
+
+    def __deepcopy__(self, memo: dict) -> CudaGraphs:
+        # a copied model gets a runner of its own, with no graphs (they point into this model's memory)
+        clone = copy.copy(self)
+        clone.model = copy.deepcopy(self.model, memo)
+        clone._graphs = {}
+        return clone
+
+    def key(self, pixel_values: torch.Tensor) -> tuple:
+        """What a captured graph depends on: a call with another key captures another graph."""
+        model = self.model
+        return (tuple(pixel_values.shape), model.device, model.dtype, model.backend, model.masking_probs())
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        pixel_values: torch.Tensor,
+        patch_offsets: list[torch.Tensor] | None = None,
+        generator: torch.Generator | None = None,
+    ) -> EomtFastOutput:
+        """The model's forward (same arguments and outputs), replayed from the graph of this input's key."""
+        model = self.model
+        model.check_pixel_values(pixel_values)
+        if pixel_values.requires_grad:
+            raise RuntimeError("cuda_graphs=True runs inference only: pixel_values requires grad "
+                               "(pass pixel_values.detach())")
+        if pixel_values.shape[0] == 0:
+            return model._empty_output(patch_offsets)
+        if self._needs_cuda and model.device.type != "cuda":
+            raise RuntimeError(f"cuda_graphs=True needs the model on a CUDA device, it is on {model.device}")
+        key = self.key(pixel_values)
+        if generator is not None and any(0 < p < 1 for p in key[-1]):
+            raise ValueError("generator= cannot drive the random unmasking (attn_mask_probs strictly between 0 "
+                             "and 1) of a captured CUDA graph, which draws from the default CUDA generator; "
+                             "call with generator=None, or disable cuda_graphs for this call")
+        graph = self._graphs.get(key)
+        if graph is None:
+            graph = self._graphs[key] = self._record(pixel_values)  # the static input holds pixel_values
+        else:
+            graph.static_input.copy_(pixel_values)
+        graph.replay()
+        outputs = tuple(t.clone() for t in graph.outputs) if self.clone_outputs else graph.outputs
+        return model._output(*outputs, patch_offsets)
+
+    def _record(self, pixel_values: torch.Tensor) -> _Graph:
+        model = self.model
+        self._check_model()
+        # a normal tensor even under torch.inference_mode: later calls copy into it in either mode
+        with torch.inference_mode(False):
+            static_input = torch.empty(pixel_values.shape, dtype=model.dtype, device=model.device)
+        static_input.copy_(pixel_values)
+        replay, outputs = self._capture(lambda: model._forward_tensors(static_input))
+        return _Graph(static_input, tuple(outputs), replay)

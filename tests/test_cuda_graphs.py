@@ -1,0 +1,186 @@
+"""eomt_fast.cuda_graphs on the CPU: the key, static-buffer and output logic of CudaGraphs, with the capture
+replaced by ``capture_eagerly`` (which re-runs the captured function on the static input and writes into the
+first run's outputs, as a graph replay does). The real capture and replay run in tests/test_model_gpu.py."""
+
+import copy
+
+import pytest
+import torch
+
+from eomt_fast import EomtFastConfig, EomtFastForUniversalSegmentation
+from eomt_fast.cuda_graphs import CudaGraphs, capture_eagerly
+from eomt_fast.testing import TEST_CONFIGS
+
+OUTPUTS = ("class_queries_logits", "masks_queries_logits", "last_hidden_state")
+
+
+class CountingCapture:
+    """capture_eagerly, counting the captures and the replays."""
+
+    def __init__(self) -> None:
+        self.captures = 0
+        self.replays = 0
+
+    def __call__(self, fn):
+        self.captures += 1
+        replay, outputs = capture_eagerly(fn)
+
+        def counted() -> None:
+            self.replays += 1
+            replay()
+
+        return counted, outputs
+
+
+def small_model(probs=(1.0, 0.0), dtype=torch.float32) -> EomtFastForUniversalSegmentation:
+    config = EomtFastConfig.from_dict(dict(TEST_CONFIGS["small_r4"], model_type="eomt"))
+    torch.manual_seed(0)
+    model = EomtFastForUniversalSegmentation(config, backend="torch").to(dtype)
+    model.attn_mask_probs.copy_(torch.tensor(probs))
+    return model
+
+
+def pixels(batch: int, seed: int, dtype=torch.float32) -> torch.Tensor:
+    return torch.randn(batch, 3, 64, 64, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+def assert_same_outputs(got, expected) -> None:
+    for name in OUTPUTS:
+        assert torch.equal(getattr(got, name), getattr(expected, name)), name
+
+
+def test_replays_equal_eager_and_one_capture_per_key():
+    model = small_model()
+    capture = CountingCapture()
+    graphs = CudaGraphs(model, capture=capture)
+    x1, x2, x3 = pixels(2, 1), pixels(2, 2), pixels(1, 3)
+    for x in (x1, x2, x1, x3):
+        assert_same_outputs(graphs(x), model(x))  # model itself stays eager
+    assert capture.captures == 2 and len(graphs) == 2  # batch 2 and batch 1
+    assert capture.replays == 4
+    model.attn_mask_probs.fill_(0.0)  # another masking setting: another graph
+    assert_same_outputs(graphs(x1), model(x1))
+    assert capture.captures == 3
+
+
+def test_outputs_are_clones_that_later_calls_leave_alone():
+    model = small_model()
+    graphs = CudaGraphs(model, capture=capture_eagerly)
+    first = graphs(pixels(2, 1))
+    kept = {name: getattr(first, name).clone() for name in OUTPUTS}
+    second = graphs(pixels(2, 2))
+    for name in OUTPUTS:
+        assert torch.equal(getattr(first, name), kept[name]), f"{name} changed under the caller"
+        assert not torch.equal(getattr(second, name), kept[name])
+
+
+def test_clone_outputs_false_returns_the_static_outputs():
+    """The documented no-copy option: the same tensors every call of a key, rewritten by the next call."""
+    model = small_model()
+    graphs = CudaGraphs(model, clone_outputs=False, capture=capture_eagerly)
+    first = graphs(pixels(2, 1))
+    second = graphs(pixels(2, 2))
+    for name in OUTPUTS:
+        assert getattr(first, name) is getattr(second, name)
+    assert_same_outputs(second, model(pixels(2, 2)))
+
+
+def test_the_callers_pixel_values_are_read_only_and_cast_into_the_static_input():
+    model = small_model(dtype=torch.float64)
+    graphs = CudaGraphs(model, capture=capture_eagerly)
+    x = pixels(2, 4)[:, :, :, :]  # float32, cast on the copy into the float64 static input
+    strided = torch.randn(2, 3, 64, 128)[..., ::2]  # not contiguous
+    strided.copy_(x)
+    before = strided.clone()
+    got = graphs(strided)
+    assert torch.equal(strided, before)
+    assert got.masks_queries_logits.dtype == torch.float64
+    assert_same_outputs(got, model(x.double()))
+
+
+def test_forward_goes_through_the_graphs_when_enabled_and_patch_offsets_pass_through():
+    model = small_model()
+    x = pixels(2, 5)
+    expected = model(x)
+    capture = CountingCapture()
+    model.enable_cuda_graphs(capture=capture)
+    offsets = [torch.tensor([0, 64, 0, 64])]
+    got = model(x, patch_offsets=offsets)
+    assert_same_outputs(got, expected)
+    assert got.patch_offsets is offsets and capture.captures == 1
+    assert model(pixels(0, 0)).masks_queries_logits.shape[0] == 0 and capture.captures == 1  # batch 0: no graph
+    model.disable_cuda_graphs()
+    assert model.cuda_graphs is None
+    assert_same_outputs(model(x), expected)
+
+
+def test_moving_or_casting_the_model_drops_its_graphs():
+    model = small_model()
+    model.enable_cuda_graphs(capture=capture_eagerly)
+    model(pixels(1, 6))
+    assert len(model.cuda_graphs) == 1
+    model.double()
+    assert len(model.cuda_graphs) == 0
+    assert_same_outputs(model(pixels(1, 6).double()), small_model(dtype=torch.float64)(pixels(1, 6).double()))
+
+
+def test_deepcopy_gives_the_copy_its_own_empty_runner():
+    model = small_model()
+    model.enable_cuda_graphs(capture=capture_eagerly)
+    model(pixels(1, 7))
+    clone = copy.deepcopy(model)
+    assert clone.cuda_graphs is not model.cuda_graphs and clone.cuda_graphs.model is clone
+    assert len(clone.cuda_graphs) == 0 and len(model.cuda_graphs) == 1
+    assert_same_outputs(clone(pixels(1, 7)), model(pixels(1, 7)))
+
+
+def test_compiled_model_bypasses_the_graphs():
+    """Under torch.compile the forward runs the network itself (use mode='reduce-overhead' for graphs there)."""
+    model = small_model()
+    capture = CountingCapture()
+    model.enable_cuda_graphs(capture=capture)
+    x = pixels(2, 8)
+    expected = model(x)  # through the graphs (and it resolves the ops, as a compiled forward needs)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x).masks_queries_logits, expected.masks_queries_logits, rtol=1e-5, atol=1e-5)
+    assert capture.captures == 1 and capture.replays == 1  # the eager call only
+
+
+def test_clear_errors():
+    model = small_model()
+    with pytest.raises(RuntimeError, match="CUDA device"):
+        model.enable_cuda_graphs()  # the real capture on a CPU model
+    graphs = CudaGraphs(model, capture=capture_eagerly)
+    with pytest.raises(RuntimeError, match="requires grad"):
+        graphs(pixels(1, 1).requires_grad_())
+    model.attn_mask_probs.copy_(torch.tensor([0.5, 1.0]))
+    with pytest.raises(ValueError, match="generator"):
+        graphs(pixels(1, 1), generator=torch.Generator().manual_seed(0))
+    graphs(pixels(1, 1))  # fractional probs with the default generator are fine
+    with pytest.raises(ValueError, match="expects 64x64"):
+        graphs(torch.randn(1, 3, 32, 32))
+    model.query.requires_grad_(True)
+    with pytest.raises(RuntimeError, match="parameters require grad"):
+        CudaGraphs(model, capture=capture_eagerly)
+
+
+def test_from_pretrained_with_cuda_graphs_on_a_cpu_device_is_an_error(tmp_path):
+    small_model().save_pretrained(tmp_path)
+    with pytest.raises(RuntimeError, match="needs the model on a CUDA device, it is on cpu"):
+        EomtFastForUniversalSegmentation.from_pretrained(tmp_path, cuda_graphs=True)
+    assert EomtFastForUniversalSegmentation.from_pretrained(tmp_path).cuda_graphs is None
+
+
+def test_calls_inside_and_outside_inference_mode_share_the_graph():
+    """A graph captured under torch.inference_mode (the benchmark) replays outside it and vice versa."""
+    model = small_model()
+    capture = CountingCapture()
+    graphs = CudaGraphs(model, capture=capture)
+    with torch.inference_mode():
+        first = graphs(pixels(1, 1))
+    second = graphs(pixels(1, 2))
+    with torch.inference_mode():
+        third = graphs(pixels(1, 1))
+    assert capture.captures == 1 and capture.replays == 3
+    assert_same_outputs(first, third)
+    assert_same_outputs(second, model(pixels(1, 2)))
