@@ -62,7 +62,9 @@ or by a fixed ``config``: which wins must be measured on a GPU.
 from __future__ import annotations
 
 import functools
+import inspect
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -729,6 +731,28 @@ def gemm(
             workspace[0], workspace[-1], out, bias_, scale_, residual_, m, n, *out_geom, *res_strides, n,
             **epilogue, BLOCK_M=REDUCE_BLOCK, BLOCK_N=REDUCE_BLOCK, num_warps=4)
     return out
+
+
+def with_out(functional: Callable, into: Callable, reference: Callable) -> Callable:
+    """dispatch's form of an op that can write the residual stream in place: ``op(*args, out=None)`` calls
+    the registered ``functional`` op, or with ``out`` its mutating ``into`` form (``into(*args, out)``,
+    declared to mutate ``out``) and returns ``out``. It carries ``reference``'s signature (dispatch gives
+    the model either this or the reference). A plain Python function: torch.compile traces through it."""
+
+    def op(*args, out: torch.Tensor | None = None) -> torch.Tensor:
+        if out is None:
+            return functional(*args)
+        into(*args, out)
+        return out
+
+    def qualname(f: Callable) -> str:  # a torch.library custom op's "namespace::name"
+        return getattr(f, "_qualname", getattr(f, "__name__", repr(f)))
+
+    op.__name__ = op.__qualname__ = f"{qualname(functional).rpartition('::')[2]}_op"
+    op.__doc__ = (f"Triton ``{reference.__name__}``: the op ``{qualname(functional)}``, or ``{qualname(into)}`` "
+                  "writing into ``out=`` (returned then).")
+    op.__signature__ = inspect.signature(reference)
+    return op
 
 
 def _vector(t: torch.Tensor | None) -> torch.Tensor | None:

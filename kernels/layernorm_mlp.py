@@ -217,47 +217,8 @@ def _(x, ln_weight, ln_bias, eps, gate_up_weight, gate_up_bias, down_weight, dow
     return None
 
 
-def layernorm_mlp_op(
-    x: torch.Tensor,
-    ln_weight: torch.Tensor,
-    ln_bias: torch.Tensor,
-    eps: float,
-    fc1_weight: torch.Tensor,
-    fc1_bias: torch.Tensor,
-    fc2_weight: torch.Tensor,
-    fc2_bias: torch.Tensor,
-    scale: torch.Tensor,
-    *,
-    out: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """dispatch's ``layernorm_mlp`` (``layernorm_mlp_ref``'s signature): the registered op, or with ``out`` its
-    mutating form; returns ``out`` then."""
-    args = (x, ln_weight, ln_bias, eps, fc1_weight, fc1_bias, fc2_weight, fc2_bias, scale)
-    if out is None:
-        return layernorm_mlp(*args)
-    layernorm_mlp_into(*args, out)
-    return out
-
-
-def layernorm_swiglu_op(
-    x: torch.Tensor,
-    ln_weight: torch.Tensor,
-    ln_bias: torch.Tensor,
-    eps: float,
-    gate_up_weight: torch.Tensor,
-    gate_up_bias: torch.Tensor,
-    down_weight: torch.Tensor,
-    down_bias: torch.Tensor,
-    scale: torch.Tensor,
-    *,
-    out: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """dispatch's ``layernorm_swiglu`` (``layernorm_swiglu_ref``'s signature), as ``layernorm_mlp_op``."""
-    args = (x, ln_weight, ln_bias, eps, gate_up_weight, gate_up_bias, down_weight, down_bias, scale)
-    if out is None:
-        return layernorm_swiglu(*args)
-    layernorm_swiglu_into(*args, out)
-    return out
+layernorm_mlp_op = _gemm.with_out(layernorm_mlp, layernorm_mlp_into, layernorm_mlp_ref)
+layernorm_swiglu_op = _gemm.with_out(layernorm_swiglu, layernorm_swiglu_into, layernorm_swiglu_ref)
 
 
 TRITON_OPS = {"layernorm_mlp": layernorm_mlp_op, "layernorm_swiglu": layernorm_swiglu_op}

@@ -255,21 +255,7 @@ def _(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, fc3_weight, fc3_bias):
     return x.new_empty((*x.shape[:-1], fc3_weight.shape[0]))
 
 
-def out_projection_op(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    scale: torch.Tensor,
-    residual: torch.Tensor,
-    *,
-    out: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """dispatch's ``out_projection`` (``linear_residual_ref``'s signature): the registered op, or with ``out``
-    its mutating form; returns ``out`` then. One Python function, traced through by torch.compile."""
-    if out is None:
-        return linear_residual(x, weight, bias, scale, residual)
-    linear_residual_into(x, weight, bias, scale, residual, out)
-    return out
+out_projection_op = _gemm.with_out(linear_residual, linear_residual_into, linear_residual_ref)
 
 
 TRITON_OPS = {"layernorm_qkv": layernorm_linear, "out_projection": out_projection_op, "mask_head": mask_head}

@@ -269,21 +269,7 @@ def _(pixel_values, weight, bias, position_embeddings, patch_size, out):
     return None
 
 
-def patch_embed_op(
-    pixel_values: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor,
-    position_embeddings: torch.Tensor,
-    patch_size: int,
-    *,
-    out: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """dispatch's ``patch_embed`` (``patch_embed_ref``'s signature): the registered op, or with ``out``
-    ``patch_embed_into``; returns ``out`` then."""
-    if out is None:
-        return patch_embed(pixel_values, weight, bias, position_embeddings, patch_size)
-    patch_embed_into(pixel_values, weight, bias, position_embeddings, patch_size, out)
-    return out
+patch_embed_op = _gemm.with_out(patch_embed, patch_embed_into, patch_embed_ref)
 
 
 TRITON_OPS = {"patch_embed": patch_embed_op}

@@ -1,9 +1,11 @@
 """dispatch: which implementation every op runs, and why."""
 
+import inspect
+
 import pytest
 import torch
 
-from eomt_fast import EomtFastConfig, dispatch
+from eomt_fast import EomtFastConfig, dispatch, kernels
 from eomt_fast.kernels import attention_ref
 
 CUDA = torch.device("cuda")  # plan() only reasons about the device; nothing runs on it here
@@ -23,6 +25,19 @@ def test_cuda_uses_every_registered_kernel():
     assert "attention" in available and "layernorm_mlp" in available
     for op, path in paths("auto", CUDA, torch.bfloat16).items():
         assert path.impl == ("triton" if op in available else "torch"), (op, path)
+
+
+def _parameters(f) -> list[tuple[str, object, object]]:
+    f = getattr(f, "_init_fn", f)  # a torch.library custom op: the function it was made from
+    return [(p.name, p.kind, p.default) for p in inspect.signature(f).parameters.values()]
+
+
+def test_every_kernel_has_its_references_signature():
+    # the model calls an op the same way whichever implementation dispatch gave it
+    available = dispatch.triton_ops()
+    assert available
+    for op, kernel in available.items():
+        assert _parameters(kernel) == _parameters(getattr(kernels, dispatch.OPS[op][0])), op
 
 
 def test_float64_stays_on_the_references():

@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "eomt_fast" / "data" / "default_model")
     parser.add_argument("--mid-annealing-out", type=Path, default=None)
     parser.add_argument("--init", type=Path, default=None,
-                        help="continue from this saved model (its log is appended to, not replaced); "
+                        help="continue from this saved model (the new log starts with its log); "
                              "--anneal-start 0 --anneal-end 0 trains with masking off")
     parser.add_argument("--steps", type=int, default=2800)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -115,10 +115,9 @@ def main(argv: list[str] | None = None) -> int:
         model = EomtForUniversalSegmentation.from_pretrained(args.init, class_weight=args.class_weight,
                                                              train_num_points=args.train_num_points)
         config = model.config
-        if args.out.resolve() == args.init.resolve() and (args.init / "train_log.txt").is_file():
-            previous = (args.init / "train_log.txt").read_text(encoding="utf-8")
-        else:
-            previous = ""
+        # the model's whole history travels with it: the new log starts with the init model's log
+        init_log = args.init / "train_log.txt"
+        previous = init_log.read_text(encoding="utf-8") if init_log.is_file() else ""
     else:
         model = EomtForUniversalSegmentation(config)
         previous = ""
