@@ -13,13 +13,15 @@ the last block is half annealed (probabilities strictly between 0 and 1 there): 
 masked attention end to end. Everything is seeded; the log (one line per ``--log-every`` steps, the full
 configuration first) is written next to the weights as train_log.txt. transformers is needed here only.
 
-The shipped model came from three runs (their commands head the parts of its train_log.txt; the third
-wrote to a scratch directory that was then copied into eomt_fast/data/default_model):
+The shipped model came from four runs (their commands head the parts of its train_log.txt; the last two
+wrote to scratch directories, each copied into eomt_fast/data/default_model once evaluated):
     tools/train_default_model.py --mid-annealing-out tests/data/scenes_mid_annealing
     tools/train_default_model.py --init eomt_fast/data/default_model --first-scene 44800 --steps 1700 \
         --lr 5e-4 --warmup 50 --anneal-start 0 --anneal-end 0 --class-weight 5
     tools/train_default_model.py --init eomt_fast/data/default_model --out /tmp/run3 --first-scene 72000 \
         --steps 3000 --lr 5e-4 --warmup 50 --anneal-start 0 --anneal-end 0 --class-weight 5
+    tools/train_default_model.py --init /tmp/run3 --out /tmp/run4 --first-scene 120000 \
+        --steps 4000 --lr 5e-4 --warmup 50 --anneal-start 0 --anneal-end 0 --class-weight 5
 """
 
 from __future__ import annotations
