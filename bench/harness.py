@@ -648,64 +648,53 @@ def render_markdown(doc: dict[str, Any]) -> str:
         lines.append(f"- {note}")
     lines.append("")
 
+    def masking(r: dict[str, Any]) -> str:
+        return "on" if r.get("masking") else "off"
+
+    def speedup(table: dict[tuple, float]) -> Callable[[dict[str, Any]], str]:
+        return lambda r: "" if table.get(row_key(r)) is None else f"{table[row_key(r)]:.2f}x"
+
     model_rows = [r for r in doc["results"] if r["benchmark"] == "model"]
     if model_rows:
-        ours = speedups(model_rows, "eomt_fast")
-        lines += ["## Whole network (forward)", "",
-                  "| model | batch | dtype | masking | impl | ms median [p20-p80] | images/s | TFLOP/s | "
-                  "% of matmul ceiling | eomt_fast speedup (its ms / eomt_fast's) | peak MiB (CUDA) |",
-                  "| --- | ---: | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
-        for r in sorted(model_rows, key=lambda r: (_sort_group(r), _impl_order(r["impl"]))):
-            sp = ours.get(row_key(r))
-            lines.append(
-                f"| {r['model']} | {r['batch']} | {r['dtype']} | {'on' if r['masking'] else 'off'} | {r['impl']} | "
-                f"{_timing(r)} | {_fmt(r.get('images_per_s'), '.3g')} | "
-                f"{_fmt(r.get('tflops'), '.3g')} | {_fmt(r.get('pct_matmul_ceiling'), '.1f')} | "
-                f"{'' if sp is None else f'{sp:.2f}x'} | {_fmt(r.get('peak_mem_mb'), '.0f')} |")
-        lines.append("")
+        lines += _table("Whole network (forward)", model_rows, [
+            ("model", "l", lambda r: r["model"]), ("batch", "r", lambda r: r["batch"]),
+            ("dtype", "l", lambda r: r["dtype"]), ("masking", "l", masking), ("impl", "l", lambda r: r["impl"]),
+            ("ms median [p20-p80]", "l", _timing),
+            ("images/s", "r", lambda r: _fmt(r.get("images_per_s"), ".3g")),
+            ("TFLOP/s", "r", lambda r: _fmt(r.get("tflops"), ".3g")),
+            ("% of matmul ceiling", "r", lambda r: _fmt(r.get("pct_matmul_ceiling"), ".1f")),
+            ("eomt_fast speedup (its ms / eomt_fast's)", "r", speedup(speedups(model_rows, "eomt_fast"))),
+            ("peak MiB (CUDA)", "r", lambda r: _fmt(r.get("peak_mem_mb"), ".0f"))])
     e2e_rows = [r for r in doc["results"] if r["benchmark"] == "e2e"]
     if e2e_rows:
-        ours = speedups(e2e_rows, "eomt_fast")
-        lines += ["## End to end (decoded images -> segments)", "",
-                  "| model | task, image | batch | dtype | masking | impl | ms median [p20-p80] | images/s | "
-                  "preprocess ms | model ms | postprocess ms | eomt_fast speedup (its ms / eomt_fast's) | "
-                  "segments/image |",
-                  "| --- | --- | ---: | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-        for r in sorted(e2e_rows, key=lambda r: (_sort_group(r), _impl_order(r["impl"]))):
-            sp = ours.get(row_key(r))
-            lines.append(
-                f"| {r['model']} | {r.get('shape', '')} | {r['batch']} | {r['dtype']} | "
-                f"{'on' if r['masking'] else 'off'} | {r['impl']} | {_timing(r)} | "
-                f"{_fmt(r.get('images_per_s'), '.3g')} | "
-                + " | ".join("" if r.get(k) is None else _ms(r[k]) for k in STAGES)
-                + " | "
-                f"{'' if sp is None else f'{sp:.2f}x'} | {_fmt(r.get('segments_per_image'), '.3g')} |")
+        lines += _table("End to end (decoded images -> segments)", e2e_rows, [
+            ("model", "l", lambda r: r["model"]), ("task, image", "l", lambda r: r.get("shape", "")),
+            ("batch", "r", lambda r: r["batch"]), ("dtype", "l", lambda r: r["dtype"]), ("masking", "l", masking),
+            ("impl", "l", lambda r: r["impl"]), ("ms median [p20-p80]", "l", _timing),
+            ("images/s", "r", lambda r: _fmt(r.get("images_per_s"), ".3g")),
+            *((f"{stage.removesuffix('_ms')} ms", "r", lambda r, k=stage: "" if r.get(k) is None else _ms(r[k]))
+              for stage in STAGES),
+            ("eomt_fast speedup (its ms / eomt_fast's)", "r", speedup(speedups(e2e_rows, "eomt_fast"))),
+            ("segments/image", "r", lambda r: _fmt(r.get("segments_per_image"), ".3g"))])
         processors = sorted({str(r["transformers_processor"]) for r in e2e_rows if r.get("transformers_processor")})
         if processors:
-            lines += ["", f"transformers' image processor: {'; '.join(processors)}."]
-        lines.append("")
+            lines[-1:-1] = ["", f"transformers' image processor: {'; '.join(processors)}."]
     kernel_rows = [r for r in doc["results"] if r["benchmark"] not in ("model", "e2e")]
     if kernel_rows:
-        vs_eager = speedups(kernel_rows, against="eager")
-        lines += ["## Kernels", "",
-                  "| kernel | model | shape | dtype | masking | impl | ms median [p20-p80] | TFLOP/s | GB/s | "
-                  "speedup over eager |", "| --- | --- | --- | --- | --- | --- | --- | ---: | ---: | ---: |"]
-        for r in sorted(kernel_rows, key=lambda r: (_sort_group(r), _impl_order(r["impl"]))):
-            sp = vs_eager.get(row_key(r))
-            lines.append(
-                f"| {r['benchmark']} | {r['model']} | {r.get('shape', '')} | {r['dtype']} | "
-                f"{'on' if r['masking'] else 'off'} | {r['impl']} | {_timing(r)} | "
-                f"{_fmt(r.get('tflops'), '.3g')} | {_fmt(r.get('gbps'), '.3g')} | "
-                f"{'' if sp is None else f'{sp:.2f}x'} |")
-        lines.append("")
+        lines += _table("Kernels", kernel_rows, [
+            ("kernel", "l", lambda r: r["benchmark"]), ("model", "l", lambda r: r["model"]),
+            ("shape", "l", lambda r: r.get("shape", "")), ("dtype", "l", lambda r: r["dtype"]),
+            ("masking", "l", masking), ("impl", "l", lambda r: r["impl"]), ("ms median [p20-p80]", "l", _timing),
+            ("TFLOP/s", "r", lambda r: _fmt(r.get("tflops"), ".3g")),
+            ("GB/s", "r", lambda r: _fmt(r.get("gbps"), ".3g")),
+            ("speedup over eager", "r", speedup(speedups(kernel_rows, against="eager")))])
     if doc.get("skipped"):
-        lines += ["## Not timed", "", "| benchmark | model | shape | batch | dtype | masking | impl | why |",
-                  "| --- | --- | --- | ---: | --- | --- | --- | --- |"]
-        for s in doc["skipped"]:
-            lines.append(f"| {s.get('benchmark')} | {s.get('model')} | {s.get('shape', '')} | {s.get('batch')} | "
-                         f"{s.get('dtype')} | {'on' if s.get('masking') else 'off'} | {s.get('impl')} | "
-                         f"{str(s.get('reason', '')).replace('|', '/')} |")
-        lines.append("")
+        lines += _table("Not timed", doc["skipped"], [
+            ("benchmark", "l", lambda s: s.get("benchmark")), ("model", "l", lambda s: s.get("model")),
+            ("shape", "l", lambda s: s.get("shape", "")), ("batch", "r", lambda s: s.get("batch")),
+            ("dtype", "l", lambda s: s.get("dtype")), ("masking", "l", masking),
+            ("impl", "l", lambda s: s.get("impl")), ("why", "l", lambda s: str(s.get("reason", "")))],
+            sort=False)
     runs = doc.get("runs", [])
     if runs:
         lines += ["## Runs merged into this file", ""]
@@ -716,6 +705,20 @@ def render_markdown(doc: dict[str, Any]) -> str:
             lines.append(f"- {r.get('timestamp')} commit {str(r.get('commit'))[:12]}{measured}: `{r.get('command')}`")
         lines.append("")
     return "\n".join(lines)
+
+
+def _table(title: str, rows: list[dict[str, Any]],
+           columns: list[tuple[str, str, Callable[[dict[str, Any]], Any]]], sort: bool = True) -> list[str]:
+    """A markdown section: ``## title``, then one line per row; ``columns`` are (header, "l" or "r", cell).
+    Rows are grouped and ordered as everywhere else here unless ``sort`` is false; a "|" inside a cell is
+    written "/" so that it cannot split the cell."""
+    if sort:
+        rows = sorted(rows, key=lambda r: (_sort_group(r), _impl_order(r["impl"])))
+    lines = [f"## {title}", "", "| " + " | ".join(h for h, _, _ in columns) + " |",
+             "| " + " | ".join("---:" if align == "r" else "---" for _, align, _ in columns) + " |"]
+    for r in rows:
+        lines.append("| " + " | ".join(str(cell(r)).replace("|", "/") for _, _, cell in columns) + " |")
+    return lines + [""]
 
 
 METHOD_TEXT = {

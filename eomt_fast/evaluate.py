@@ -6,6 +6,12 @@ segment match when their IoU exceeds 0.5 (such matches are unique); PQ_c = sum o
 PQ_st the means over thing and stuff classes; SQ and RQ split PQ into the matched IoU and the F1 of
 matching. Pixels a prediction leaves unassigned (-1) belong to no predicted segment. The generated scenes
 have no void pixels, so unions are plain unions.
+
+Beside PQ, a confusion table separates finding a segment from naming it: each ground-truth segment is
+matched to the predicted segment of any class with IoU > 0.5 (unique, as above) and counted under that
+segment's class, or under "missed" when there is none. A model whose things are all in the table's
+diagonal but PQ_th is low draws poor masks; one with a full "missed" column or large off-diagonal counts
+does not find or does not recognise them.
 """
 
 from __future__ import annotations
@@ -22,6 +28,8 @@ import numpy as np
 import torch
 
 from . import scenes as scene_lib
+
+MISSED = -1  # the confusion table's column for ground-truth segments no prediction matches
 
 
 @dataclass
@@ -54,6 +62,8 @@ class PanopticQuality:
     thing_ids: tuple[int, ...] = scene_lib.THING_IDS
     class_names: dict[int, str] = field(default_factory=lambda: dict(scene_lib.ID2LABEL))
     images: int = 0
+    # (true class, predicted class or MISSED) -> ground-truth segments matched at IoU > 0.5 regardless of class
+    confusion: dict[tuple[int, int], int] = field(default_factory=dict)
 
     def _mean(self, ids: Sequence[int], attribute: str) -> float:
         values = [getattr(self.per_class[c], attribute) for c in ids if c in self.per_class and self.per_class[c].occurs]
@@ -105,16 +115,21 @@ class PanopticQuality:
         pred_area = inter[:, :-1].sum(0)
         matched_true, matched_pred = set(), set()
         for i, tid in enumerate(true_ids):
+            found = MISSED
             for j, pid in enumerate(pred_ids):
-                if true_labels[tid] != predicted_labels[pid] or inter[i, j] == 0:
+                if inter[i, j] == 0:
                     continue
                 iou = inter[i, j] / (true_area[i] + pred_area[j] - inter[i, j])
                 if iou > 0.5:
+                    found = predicted_labels[pid]
+                if iou > 0.5 and true_labels[tid] == predicted_labels[pid]:
                     counts = self.per_class.setdefault(true_labels[tid], ClassCounts())
                     counts.tp += 1
                     counts.iou += float(iou)
                     matched_true.add(i)
                     matched_pred.add(j)
+            key = (true_labels[tid], found)
+            self.confusion[key] = self.confusion.get(key, 0) + 1
         for i, tid in enumerate(true_ids):
             if i not in matched_true:
                 self.per_class.setdefault(true_labels[tid], ClassCounts()).fn += 1
@@ -127,8 +142,26 @@ class PanopticQuality:
         classes = {self.class_names.get(c, str(c)): {"pq": counts.pq, "sq": counts.sq, "rq": counts.rq,
                                                      "tp": counts.tp, "fp": counts.fp, "fn": counts.fn}
                    for c, counts in sorted(self.per_class.items())}
+        confusion: dict[str, dict[str, int]] = {}
+        for (true, found), n in sorted(self.confusion.items()):
+            confusion.setdefault(self._name(true), {})[self._name(found)] = n
         return {"images": self.images, "pq": self.pq, "pq_things": self.pq_things, "pq_stuff": self.pq_stuff,
-                "sq": self.sq, "rq": self.rq, "classes": classes}
+                "sq": self.sq, "rq": self.rq, "classes": classes, "confusion": confusion}
+
+    def _name(self, c: int) -> str:
+        return "missed" if c == MISSED else self.class_names.get(c, str(c))
+
+    def confusion_table(self) -> str:
+        """Rows: ground-truth classes; columns: the class of the predicted segment found at IoU > 0.5."""
+        rows = sorted({t for t, _ in self.confusion})
+        columns = sorted(set(rows) | {f for _, f in self.confusion} - {MISSED}) + [MISSED]
+        width = max(8, *(len(self._name(c)) for c in rows + columns))
+        lines = ["found (IoU > 0.5, any class) as:",
+                 " " * width + "".join(f" {self._name(c):>{width}}" for c in columns)]
+        for t in rows:
+            lines.append(f"{self._name(t):<{width}}" +
+                         "".join(f" {self.confusion.get((t, c), 0):>{width}d}" for c in columns))
+        return "\n".join(lines)
 
     def table(self) -> str:
         lines = [f"{'class':<10} {'PQ':>6} {'SQ':>6} {'RQ':>6} {'TP':>5} {'FP':>5} {'FN':>5}"]
@@ -203,6 +236,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"model {model_dir} on {device} ({str(model.dtype).removeprefix('torch.')}, backend {model.backend}), "
           f"{args.count} scenes of seed {args.seed}, {seconds:.1f} s")
     print(result.table())
+    print(result.confusion_table())
     if args.json:
         summary = {"model": str(model_dir), "seed": args.seed, "device": str(device), "dtype": str(model.dtype),
                    "backend": model.backend, **result.summary()}

@@ -82,6 +82,13 @@ def test_pq_counts_partial_missing_and_wrong_segments():
     assert (c[1].tp, c[1].fp, c[1].fn) == (0, 0, 1) and c[1].pq == 0.0
     assert pq.pq == pytest.approx((1.0 + 0.5 + 0.0) / 3)
     assert pq.pq_things == pytest.approx(0.25) and pq.pq_stuff == pytest.approx(1.0)
+    # found regardless of class: the stuff and thing 2 as themselves, thing 3 as a class-0 segment
+    assert pq.confusion == {(4, 4): 1, (0, 0): 1, (1, 0): 1}
+    assert pq.summary()["confusion"] == {"circle": {"circle": 1}, "square": {"circle": 1},
+                                         "stripes": {"stripes": 1}}
+    table = pq.confusion_table().splitlines()
+    assert table[1].split() == ["circle", "square", "stripes", "missed"]
+    assert table[2].split() == ["circle", "1", "0", "0", "0"] and table[3].split() == ["square", "1", "0", "0", "0"]
 
 
 def test_pq_iou_of_one_half_does_not_match():
@@ -92,6 +99,7 @@ def test_pq_iou_of_one_half_does_not_match():
     pq = PanopticQuality()
     pq.add(predicted, {1: 4, 2: 0, 3: 1}, truth, labels)
     assert (pq.per_class[0].tp, pq.per_class[0].fp, pq.per_class[0].fn) == (0, 1, 1)
+    assert pq.confusion[(0, -1)] == 1 and pq.summary()["confusion"]["circle"] == {"missed": 1}
 
 
 def test_pq_rejects_inconsistent_predictions():

@@ -55,3 +55,26 @@ def test_a_few_training_steps_write_a_loadable_model(tool, tmp_path):
     assert json.loads((mid / "training.json").read_text())["attn_mask_probs"][1] == pytest.approx(partial.masking_probs()[1])
     x = torch.rand(1, 3, 128, 128)
     assert torch.isfinite(final(x).masks_queries_logits).all()
+
+
+def test_continuing_with_more_query_layers_keeps_every_weight(tool, tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    common = ["--batch-size", "1", "--log-every", "1", "--train-num-points", "256"]
+    assert tool.main(["--steps", "2", "--out", str(first), *common]) == 0
+    # lr 0: the continued run changes no weight, so what it saved shows what --num-blocks did
+    assert tool.main(["--init", str(first), "--out", str(second), "--num-blocks", "3", "--steps", "2", "--lr", "0",
+                      "--anneal-start", "0", "--anneal-end", "0", "--save-every", "1", "--first-scene", "2",
+                      *common]) == 0
+    log = (second / "train_log.txt").read_text()
+    assert log.startswith((first / "train_log.txt").read_text())  # the init model's history comes first
+    assert "# saved the model after 1 steps" in log
+    assert '"num_blocks": 3' in [line for line in log.splitlines() if line.startswith("# model")][-1]
+    before = EomtFastForUniversalSegmentation.from_pretrained(first, backend="torch")
+    after = EomtFastForUniversalSegmentation.from_pretrained(second, backend="torch")
+    assert before.config.num_blocks == 2 and after.config.num_blocks == 3
+    assert after.masking_probs() == (0.0, 0.0, 0.0)
+    b, a = before.state_dict(), after.state_dict()
+    assert set(a) == set(b)
+    for name in b:
+        if name != "attn_mask_probs":
+            torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)

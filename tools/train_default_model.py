@@ -103,27 +103,47 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--anneal-end", type=float, default=0.8, help="fraction of steps where every block is 0")
     parser.add_argument("--train-num-points", type=int, default=4096)
     parser.add_argument("--class-weight", type=float, default=2.0, help="weight of the classification loss")
+    parser.add_argument("--num-blocks", type=int, default=None,
+                        help=f"layers that carry the queries (default {MODEL_SHAPE['num_blocks']}, or the --init "
+                             "model's); continuing with another count keeps every weight, only where the queries "
+                             "enter moves")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--log-every", type=int, default=25)
+    parser.add_argument("--save-every", type=int, default=0,
+                        help="also save the model to --out every this many steps (0: only at the end), to evaluate "
+                             "a long run while it trains")
     args = parser.parse_args(argv)
 
+    from safetensors.torch import load_file
     from transformers import EomtConfig, EomtForUniversalSegmentation, __version__ as hf_version
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
-    config = EomtConfig(image_size=DEFAULT_SIZE, num_labels=len(ID2LABEL), id2label=ID2LABEL,
-                        label2id={v: k for k, v in ID2LABEL.items()}, train_num_points=args.train_num_points,
-                        class_weight=args.class_weight,
-                        **MODEL_SHAPE)
+    shape = dict(MODEL_SHAPE)
     if args.init is not None:
-        model = EomtForUniversalSegmentation.from_pretrained(args.init, class_weight=args.class_weight,
-                                                             train_num_points=args.train_num_points)
-        config = model.config
+        # the init model's shape; a new --num-blocks only moves the layer where the queries enter (no weight
+        # depends on it but attn_mask_probs, which the schedule below sets every step)
+        config = EomtConfig.from_pretrained(args.init, class_weight=args.class_weight,
+                                            train_num_points=args.train_num_points)
+        shape = {k: getattr(config, k) for k in MODEL_SHAPE}
+        if args.num_blocks is not None:
+            config.num_blocks = shape["num_blocks"] = args.num_blocks
+        model = EomtForUniversalSegmentation(config)
+        state = load_file(args.init / "model.safetensors")
+        state.pop("attn_mask_probs", None)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if set(missing) - {"attn_mask_probs"} or unexpected:
+            parser.error(f"{args.init} does not fit: missing {sorted(missing)}, unexpected {sorted(unexpected)}")
         # the model's whole history travels with it: the new log starts with the init model's log
         init_log = args.init / "train_log.txt"
         previous = init_log.read_text(encoding="utf-8") if init_log.is_file() else ""
     else:
+        if args.num_blocks is not None:
+            shape["num_blocks"] = args.num_blocks
+        config = EomtConfig(image_size=DEFAULT_SIZE, num_labels=len(ID2LABEL), id2label=ID2LABEL,
+                            label2id={v: k for k, v in ID2LABEL.items()}, train_num_points=args.train_num_points,
+                            class_weight=args.class_weight, **shape)
         model = EomtForUniversalSegmentation(config)
         previous = ""
     model.train()
@@ -148,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     say(f"# {' '.join([Path(__file__).name] + (argv if argv is not None else sys.argv[1:]))}")
     say(f"# {environment}")
     say(f"# args {json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()})}")
-    say(f"# model {json.dumps(MODEL_SHAPE)}, {sum(p.numel() for p in model.parameters())} parameters")
+    say(f"# model {json.dumps(shape)}, {sum(p.numel() for p in model.parameters())} parameters")
     mid_step = None
     if args.mid_annealing_out is not None:
         # the step where the last block's probability is nearest 0.5 (strictly between 0 and 1; earlier
@@ -184,6 +204,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"lr {optimizer.param_groups[0]['lr']:.2e}  attn_mask_probs {[round(p, 3) for p in probs]}  "
                 f"{elapsed:7.1f} s")
             running.clear()
+        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
+            save(model, DEFAULT_SIZE, args.out, {"steps": step + 1, "attn_mask_probs": probs, "environment": environment})
+            say(f"# saved the model after {step + 1} steps to {args.out}")
         if mid_step is not None and step == mid_step:
             model.eval()
             save(model, DEFAULT_SIZE, args.mid_annealing_out,
