@@ -9,9 +9,8 @@ have no void pixels, so unions are plain unions.
 
 Beside PQ, a confusion table separates finding a segment from naming it: each ground-truth segment is
 matched to the predicted segment of any class with IoU > 0.5 (unique, as above) and counted under that
-segment's class, or under "missed" when there is none. A model whose things are all in the table's
-diagonal but PQ_th is low draws poor masks; one with a full "missed" column or large off-diagonal counts
-does not find or does not recognise them.
+segment's class, or under "missed" when there is none. Large off-diagonal counts mean segments drawn
+but misnamed; a large "missed" column, segments not drawn (or scored below the threshold).
 """
 
 from __future__ import annotations
@@ -155,7 +154,7 @@ class PanopticQuality:
         """Rows: ground-truth classes; columns: the class of the predicted segment found at IoU > 0.5."""
         rows = sorted({t for t, _ in self.confusion})
         columns = sorted(set(rows) | {f for _, f in self.confusion} - {MISSED}) + [MISSED]
-        width = max(8, *(len(self._name(c)) for c in rows + columns))
+        width = max([8, *(len(self._name(c)) for c in rows + columns)])
         lines = ["found (IoU > 0.5, any class) as:",
                  " " * width + "".join(f" {self._name(c):>{width}}" for c in columns)]
         for t in rows:

@@ -100,6 +100,7 @@ def test_pq_iou_of_one_half_does_not_match():
     pq.add(predicted, {1: 4, 2: 0, 3: 1}, truth, labels)
     assert (pq.per_class[0].tp, pq.per_class[0].fp, pq.per_class[0].fn) == (0, 1, 1)
     assert pq.confusion[(0, -1)] == 1 and pq.summary()["confusion"]["circle"] == {"missed": 1}
+    assert PanopticQuality().confusion_table().splitlines()[-1].split() == ["missed"]  # nothing evaluated yet
 
 
 def test_pq_rejects_inconsistent_predictions():

@@ -61,8 +61,10 @@ def test_continuing_with_more_query_layers_keeps_every_weight(tool, tmp_path):
     first, second = tmp_path / "first", tmp_path / "second"
     common = ["--batch-size", "1", "--log-every", "1", "--train-num-points", "256"]
     assert tool.main(["--steps", "2", "--out", str(first), *common]) == 0
-    # lr 0: the continued run changes no weight, so what it saved shows what --num-blocks did
+    # lr 0: the continued run changes no weight, so what it saved shows what --num-blocks did (and that
+    # --bf16's autocast leaves the weights float32)
     assert tool.main(["--init", str(first), "--out", str(second), "--num-blocks", "3", "--steps", "2", "--lr", "0",
+                      "--bf16",
                       "--anneal-start", "0", "--anneal-end", "0", "--save-every", "1", "--first-scene", "2",
                       *common]) == 0
     log = (second / "train_log.txt").read_text()
@@ -74,7 +76,7 @@ def test_continuing_with_more_query_layers_keeps_every_weight(tool, tmp_path):
     assert before.config.num_blocks == 2 and after.config.num_blocks == 3
     assert after.masking_probs() == (0.0, 0.0, 0.0)
     b, a = before.state_dict(), after.state_dict()
-    assert set(a) == set(b)
+    assert set(a) == set(b) and all(t.dtype == torch.float32 for t in a.values())
     for name in b:
         if name != "attn_mask_probs":
             torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
