@@ -8,8 +8,9 @@ A scene is a square RGB image with:
 - one or two stuff regions (split by a random straight line), each filled with a two-colour texture of
   its class: stripes (random angle and period), checker (random cell size) or dots (jittered grid);
 - one to five things drawn on top in order (circle, square, triangle, star; random solid colour, size,
-  position and rotation). A placement that would leave an earlier thing less than half visible, or a
-  thing with fewer than ``MIN_THING_AREA`` pixels, is drawn again, so every thing stays recognisable.
+  position and rotation; radius ``THING_RADIUS`` of the image side). A placement that would leave an
+  earlier thing less than ``MIN_VISIBLE_FRACTION`` visible, or a thing with fewer than ``MIN_THING_AREA``
+  pixels, is drawn again, so every thing stays recognisable.
 Ground truth is COCO-panoptic style: an int32 map of segment ids (1, 2, ...; every pixel belongs to a
 segment) and one entry per segment (id, category_id, isthing, area). Each stuff class present is one
 segment; each thing is one segment.
@@ -31,8 +32,11 @@ ID2LABEL = {i: name for i, name in enumerate(CLASS_NAMES)}
 
 DEFAULT_SIZE = 128
 MAX_THINGS = 5
-MIN_THING_AREA = 60
-MIN_VISIBLE_FRACTION = 0.5
+# a thing's radius as a fraction of the image side: at 128 px, 14-28 px, so that even the smallest spans a
+# few of the default model's 8-px patches and its corners (or their absence) can be seen
+THING_RADIUS = (0.11, 0.22)
+MIN_THING_AREA = 150
+MIN_VISIBLE_FRACTION = 0.6
 TRAIN_SEED = 0
 HELD_OUT_SEED = 1_000_003  # the seed of the held-out evaluation set: no overlap with training seeds
 
@@ -103,7 +107,7 @@ def _polygon(vertices: np.ndarray, yy: np.ndarray, xx: np.ndarray) -> np.ndarray
 
 def _shape(kind: int, rng: np.random.Generator, size: int, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
     """(H, W) bool mask of one thing of class ``kind`` at a random place, size and rotation."""
-    radius = rng.uniform(0.07, 0.19) * size
+    radius = rng.uniform(*THING_RADIUS) * size
     cx, cy = rng.uniform(radius * 0.5, size - radius * 0.5, size=2)
     name = CLASS_NAMES[kind]
     if name == "circle":

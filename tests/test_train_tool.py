@@ -48,6 +48,7 @@ def test_a_few_training_steps_write_a_loadable_model(tool, tmp_path):
                       "--mid-annealing-out", str(mid), "--train-num-points", "256"]) == 0
     log = (out / "train_log.txt").read_text().splitlines()
     assert log[0].startswith("# train_default_model.py") and any(line.startswith("step    10") for line in log)
+    assert any(line.startswith("# scenes {") and '"THING_RADIUS": [' in line for line in log)
     final = EomtFastForUniversalSegmentation.from_pretrained(out, backend="torch")
     assert final.masking_probs() == (0.0, 0.0)
     partial = EomtFastForUniversalSegmentation.from_pretrained(mid, backend="torch")

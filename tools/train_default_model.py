@@ -13,8 +13,11 @@ the last block is half annealed (probabilities strictly between 0 and 1 there): 
 masked attention end to end. Everything is seeded; the log (one line per ``--log-every`` steps, the full
 configuration first) is written next to the weights as train_log.txt. transformers is needed here only.
 
-The shipped model came from four runs (their commands head the parts of its train_log.txt; the last two
-wrote to scratch directories, each copied into eomt_fast/data/default_model once evaluated):
+The shipped model came from six runs (their commands head the parts of its train_log.txt; all but the first
+two wrote to scratch directories, each copied into eomt_fast/data/default_model once evaluated). Runs 1-4
+trained on the first version of the scenes (things of radius 7-19% of the side, at least half visible),
+runs 7-8 on the present one (11-22%, at least 60% visible); run 7 was stopped by hand after its 2,000-step
+save (its log runs on to step 2,025) and run 8 continued from that save. Runs 5 and 6 were not shipped.
     tools/train_default_model.py --mid-annealing-out tests/data/scenes_mid_annealing
     tools/train_default_model.py --init eomt_fast/data/default_model --first-scene 44800 --steps 1700 \
         --lr 5e-4 --warmup 50 --anneal-start 0 --anneal-end 0 --class-weight 5
@@ -22,6 +25,10 @@ wrote to scratch directories, each copied into eomt_fast/data/default_model once
         --steps 3000 --lr 5e-4 --warmup 50 --anneal-start 0 --anneal-end 0 --class-weight 5
     tools/train_default_model.py --init /tmp/run3 --out /tmp/run4 --first-scene 120000 \
         --steps 4000 --lr 5e-4 --warmup 50 --anneal-start 0 --anneal-end 0 --class-weight 5
+    tools/train_default_model.py --init eomt_fast/data/default_model --out /tmp/run7 --first-scene 184000 \
+        --steps 3500 --lr 5e-4 --warmup 100 --anneal-start 0 --anneal-end 0 --class-weight 5 --save-every 500
+    tools/train_default_model.py --init /tmp/run7_2000 --out /tmp/run8 --first-scene 216000 \
+        --steps 7000 --lr 5e-4 --warmup 100 --anneal-start 0 --anneal-end 0 --class-weight 5 --bf16 --save-every 1000
 """
 
 from __future__ import annotations
@@ -41,10 +48,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from eomt_fast.processing import EomtFastImageProcessor  # noqa: E402
+from eomt_fast import scenes as scene_lib  # noqa: E402
 from eomt_fast.scenes import DEFAULT_SIZE, ID2LABEL, TRAIN_SEED, make_scene  # noqa: E402
 
 MODEL_SHAPE = dict(hidden_size=128, num_hidden_layers=6, num_attention_heads=2, mlp_ratio=4, patch_size=8,
                    num_register_tokens=4, num_queries=16, num_blocks=2, num_upscale_blocks=2)
+
+# the generator's parameters, logged with every run: a model's log says which scenes each run trained on
+SCENE_PARAMETERS = ("DEFAULT_SIZE", "MAX_THINGS", "THING_RADIUS", "MIN_THING_AREA", "MIN_VISIBLE_FRACTION")
 
 
 def anneal_probs(step: int, steps: int, num_blocks: int, start: float, end: float, power: float = 0.9) -> list[float]:
@@ -171,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     say(f"# {' '.join([Path(__file__).name] + (argv if argv is not None else sys.argv[1:]))}")
     say(f"# {environment}")
     say(f"# args {json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()})}")
+    say(f"# scenes {json.dumps({k: getattr(scene_lib, k) for k in SCENE_PARAMETERS})}")
     say(f"# model {json.dumps(shape)}, {sum(p.numel() for p in model.parameters())} parameters")
     mid_step = None
     if args.mid_annealing_out is not None:
