@@ -116,12 +116,11 @@ class PanopticQuality:
         for i, tid in enumerate(true_ids):
             found = MISSED
             for j, pid in enumerate(pred_ids):
-                if inter[i, j] == 0:
+                iou = inter[i, j] / (true_area[i] + pred_area[j] - inter[i, j])  # a true segment has pixels
+                if iou <= 0.5:
                     continue
-                iou = inter[i, j] / (true_area[i] + pred_area[j] - inter[i, j])
-                if iou > 0.5:
-                    found = predicted_labels[pid]
-                if iou > 0.5 and true_labels[tid] == predicted_labels[pid]:
+                found = predicted_labels[pid]
+                if true_labels[tid] == found:
                     counts = self.per_class.setdefault(true_labels[tid], ClassCounts())
                     counts.tp += 1
                     counts.iou += float(iou)

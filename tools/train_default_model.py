@@ -134,16 +134,21 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
-    shape = dict(MODEL_SHAPE)
     if args.init is not None:
-        # the init model's shape; a new --num-blocks only moves the layer where the queries enter (no weight
-        # depends on it but attn_mask_probs, which the schedule below sets every step)
         config = EomtConfig.from_pretrained(args.init, class_weight=args.class_weight,
                                             train_num_points=args.train_num_points)
-        shape = {k: getattr(config, k) for k in MODEL_SHAPE}
-        if args.num_blocks is not None:
-            config.num_blocks = shape["num_blocks"] = args.num_blocks
-        model = EomtForUniversalSegmentation(config)
+    else:
+        config = EomtConfig(image_size=DEFAULT_SIZE, num_labels=len(ID2LABEL), id2label=ID2LABEL,
+                            label2id={v: k for k, v in ID2LABEL.items()}, train_num_points=args.train_num_points,
+                            class_weight=args.class_weight, **MODEL_SHAPE)
+    if args.num_blocks is not None:
+        # only moves the layer where the queries enter: no weight depends on it but attn_mask_probs, which the
+        # schedule below sets every step
+        config.num_blocks = args.num_blocks
+    shape = {k: getattr(config, k) for k in MODEL_SHAPE}
+    model = EomtForUniversalSegmentation(config)
+    previous = ""
+    if args.init is not None:
         state = load_file(args.init / "model.safetensors")
         state.pop("attn_mask_probs", None)
         missing, unexpected = model.load_state_dict(state, strict=False)
@@ -152,14 +157,6 @@ def main(argv: list[str] | None = None) -> int:
         # the model's whole history travels with it: the new log starts with the init model's log
         init_log = args.init / "train_log.txt"
         previous = init_log.read_text(encoding="utf-8") if init_log.is_file() else ""
-    else:
-        if args.num_blocks is not None:
-            shape["num_blocks"] = args.num_blocks
-        config = EomtConfig(image_size=DEFAULT_SIZE, num_labels=len(ID2LABEL), id2label=ID2LABEL,
-                            label2id={v: k for k, v in ID2LABEL.items()}, train_num_points=args.train_num_points,
-                            class_weight=args.class_weight, **shape)
-        model = EomtForUniversalSegmentation(config)
-        previous = ""
     model.train()
     processor = EomtFastImageProcessor.from_config(config, "panoptic")
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embeddings" not in n and "query" not in n]
