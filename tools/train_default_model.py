@@ -13,11 +13,12 @@ the last block is half annealed (probabilities strictly between 0 and 1 there): 
 masked attention end to end. Everything is seeded; the log (one line per ``--log-every`` steps, the full
 configuration first) is written next to the weights as train_log.txt. transformers is needed here only.
 
-The shipped model came from six runs (their commands head the parts of its train_log.txt; all but the first
+The shipped model came from seven runs (their commands head the parts of its train_log.txt; all but the first
 two wrote to scratch directories, each copied into eomt_fast/data/default_model once evaluated). Runs 1-4
 trained on the first version of the scenes (things of radius 7-19% of the side, at least half visible),
-runs 7-8 on the present one (11-22%, at least 60% visible); run 7 was stopped by hand after its 2,000-step
-save (its log runs on to step 2,025) and run 8 continued from that save. Runs 5 and 6 were not shipped.
+runs 7-9 on the present one (11-22%, at least 60% visible); run 7 was stopped by hand after its 2,000-step
+save (its log runs on to step 2,025), run 8 continued from that save and run 9 from run 8. Runs 5 and 6
+were not shipped.
     tools/train_default_model.py --mid-annealing-out tests/data/scenes_mid_annealing
     tools/train_default_model.py --init eomt_fast/data/default_model --first-scene 44800 --steps 1700 \
         --lr 5e-4 --warmup 50 --anneal-start 0 --anneal-end 0 --class-weight 5
@@ -29,6 +30,8 @@ save (its log runs on to step 2,025) and run 8 continued from that save. Runs 5 
         --steps 3500 --lr 5e-4 --warmup 100 --anneal-start 0 --anneal-end 0 --class-weight 5 --save-every 500
     tools/train_default_model.py --init /tmp/run7_2000 --out /tmp/run8 --first-scene 216000 \
         --steps 7000 --lr 5e-4 --warmup 100 --anneal-start 0 --anneal-end 0 --class-weight 5 --bf16 --save-every 1000
+    tools/train_default_model.py --init eomt_fast/data/default_model --out /tmp/run9 --first-scene 328000 \
+        --steps 10000 --lr 4e-4 --warmup 100 --anneal-start 0 --anneal-end 0 --class-weight 5 --bf16 --save-every 1000
 """
 
 from __future__ import annotations
@@ -159,8 +162,11 @@ def main(argv: list[str] | None = None) -> int:
         previous = init_log.read_text(encoding="utf-8") if init_log.is_file() else ""
     model.train()
     processor = EomtFastImageProcessor.from_config(config, "panoptic")
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embeddings" not in n and "query" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embeddings" not in n and "query" not in n)]
+    # weight decay on the weight matrices only: not on biases, norms, embeddings or the learned queries
+    decay, no_decay = [], []
+    for name, parameter in model.named_parameters():
+        is_matrix = parameter.ndim >= 2 and "embeddings" not in name and "query" not in name
+        (decay if is_matrix else no_decay).append(parameter)
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
 
