@@ -17,8 +17,8 @@ The shipped model came from seven runs (their commands head the parts of its tra
 two wrote to scratch directories, each copied into eomt_fast/data/default_model once evaluated). Runs 1-4
 trained on the first version of the scenes (things of radius 7-19% of the side, at least half visible),
 runs 7-9 on the present one (11-22%, at least 60% visible); run 7 was stopped by hand after its 2,000-step
-save (its log runs on to step 2,025), run 8 continued from that save and run 9 from run 8. Runs 5 and 6
-were not shipped.
+save (its log runs on to step 2,025), run 8 continued from that save and run 9 from run 8. Runs 5, 6 and
+10 were not shipped (the README says what they scored).
     tools/train_default_model.py --mid-annealing-out tests/data/scenes_mid_annealing
     tools/train_default_model.py --init eomt_fast/data/default_model --first-scene 44800 --steps 1700 \
         --lr 5e-4 --warmup 50 --anneal-start 0 --anneal-end 0 --class-weight 5
