@@ -165,8 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     # weight decay on the weight matrices only: not on biases, norms, embeddings or the learned queries
     decay, no_decay = [], []
     for name, parameter in model.named_parameters():
-        is_matrix = parameter.ndim >= 2 and "embeddings" not in name and "query" not in name
-        (decay if is_matrix else no_decay).append(parameter)
+        decayed = parameter.ndim >= 2 and "embeddings" not in name and "query" not in name
+        (decay if decayed else no_decay).append(parameter)
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
 
