@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU benchmark suite: the one command to run on the GPU machine (H100, no network).
+# The GPU benchmark suite: the one command to run on the GPU machine (an H100 or H200, no network).
 #
 #   bash bench/gpu_suite.sh [STEP ...]
 #
@@ -9,6 +9,10 @@
 # shape, so a cut step keeps what it timed). Results merge into bench/results/<date>_<device>.json (.md,
 # .png); logs go to bench/results/<date>_<device>_<step>.log. Run the steps one command each:
 #
+#   first-look     for a session with only minutes of GPU time (one command, the first to run): the GPU
+#                  tests as in `tests` (cut at half the step's time, slowest 25 listed), then eomt-fast bench
+#                  on EoMT-L/640, bf16, masking off, batch 1 and 8: eomt_fast, eomt_fast with CUDA graphs and
+#                  transformers-sdpa, 3 s of timing each (what is left of the step's time)
 #   tests          pytest -m gpu (the GPU tests) except tests/test_model_gpu.py, log only
 #   model-tests    pytest -m gpu tests/test_model_gpu.py: ViT-S/B/L models end to end against transformers,
 #                  CUDA graphs, torch.compile, peak memory (builds random ViT-L models: minutes), log only
@@ -31,7 +35,7 @@
 #   masks          bench/bench_mask_logits.py and bench/bench_upscale.py (EoMT-L/640 shapes)
 #   predict        bench/bench_predict.py: the final predict() and a masked layer's mask, eomt_fast's op
 #                  sequence against the reference ops (eager, max-autotune) and transformers' way (EoMT-L/640)
-#   all            every step above in order (about 60-90 minutes: only where no per-command limit applies)
+#   all            every step above but first-look, in order (about 60-90 minutes: only where no per-command limit applies)
 #
 # Without .git on the GPU machine, pass the commit: EOMT_FAST_COMMIT=$(git rev-parse HEAD) (expanded where
 # the command is written). MODELS (default "eomt-l-640 eomt-s-640 eomt-b-640") are the presets of the
@@ -103,6 +107,14 @@ run_step() {
     step_start=$SECONDS
     {
         case $step in
+            first-look)  timeout $((STEP_TIMEOUT / 2)) "$PY" -P -m pytest -m gpu -q -rs --durations 25 \
+                             --ignore tests/test_model_gpu.py
+                         first=$?
+                         timeout $((STEP_TIMEOUT - (SECONDS - step_start))) "$PY" "${CLI[@]}" bench --dtype bfloat16 \
+                             --masking off --model eomt-l-640 --batch 1 8 --budget 3 \
+                             --impls eomt_fast eomt_fast-cuda-graphs transformers-sdpa
+                         second=$?
+                         [ $first -eq 0 ] && [ $second -eq 0 ] ;;
             tests)       timeout "$STEP_TIMEOUT" "$PY" -P -m pytest -m gpu -q -rs --ignore tests/test_model_gpu.py ;;
             model-tests) timeout "$STEP_TIMEOUT" "$PY" -P -m pytest -m gpu -q -rs tests/test_model_gpu.py ;;
             check-kernels) timeout "$STEP_TIMEOUT" "$PY" "${CLI[@]}" check-kernels ;;
@@ -135,9 +147,9 @@ run_step() {
 }
 
 for step in "${STEPS[@]}"; do
-    case " ${ALL[*]} all " in
+    case " first-look ${ALL[*]} all " in
         *" $step "*) ;;
-        *) echo "unknown step $step; steps: ${ALL[*]} all" >&2; exit 2 ;;
+        *) echo "unknown step $step; steps: first-look ${ALL[*]} all" >&2; exit 2 ;;
     esac
 done
 mkdir -p bench/results
