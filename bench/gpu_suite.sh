@@ -35,7 +35,8 @@
 #   masks          bench/bench_mask_logits.py and bench/bench_upscale.py (EoMT-L/640 shapes)
 #   predict        bench/bench_predict.py: the final predict() and a masked layer's mask, eomt_fast's op
 #                  sequence against the reference ops (eager, max-autotune) and transformers' way (EoMT-L/640)
-#   all            every step above but first-look, in order (about 60-90 minutes: only where no per-command limit applies)
+#   all            every step above but first-look, in order (about 60-90 minutes: only where no per-command
+#                  limit applies)
 #
 # Without .git on the GPU machine, pass the commit: EOMT_FAST_COMMIT=$(git rev-parse HEAD) (expanded where
 # the command is written). MODELS (default "eomt-l-640 eomt-s-640 eomt-b-640") are the presets of the
@@ -65,9 +66,11 @@ KERNEL_FILTER=${KERNEL_FILTER-eomt-l-640}
 STEPS=("$@")
 [ ${#STEPS[@]} -eq 0 ] && STEPS=(all)
 ALL=(tests model-tests check-kernels model-b1 model-b8 autotune-b1 autotune-b8 e2e attention mlp linear masks predict)
+STEP_NAMES=(first-look "${ALL[@]}" all)  # `all` runs ALL, which leaves first-look out
 read -r -a MODELS <<< "${MODELS:-eomt-l-640 eomt-s-640 eomt-b-640}"
 read -r -a E2E_MODELS <<< "${E2E_MODELS:-eomt-l-640 eomt-s-640}"
 CLI=(-P -m eomt_fast.cli)
+GPU_TESTS=(-P -m pytest -m gpu -q -rs --ignore tests/test_model_gpu.py)  # the `tests` step; first-look starts with it
 MODEL=("${CLI[@]}" bench --dtype bfloat16 --masking both)
 COMPILE_DEFAULT=(--impls eomt_fast eomt_fast-cuda-graphs transformers-eager transformers-sdpa transformers-compile)
 KERNEL_ARGS=()
@@ -107,15 +110,14 @@ run_step() {
     step_start=$SECONDS
     {
         case $step in
-            first-look)  timeout $((STEP_TIMEOUT / 2)) "$PY" -P -m pytest -m gpu -q -rs --durations 25 \
-                             --ignore tests/test_model_gpu.py
+            first-look)  timeout $((STEP_TIMEOUT / 2)) "$PY" "${GPU_TESTS[@]}" --durations 25
                          first=$?
                          timeout $((STEP_TIMEOUT - (SECONDS - step_start))) "$PY" "${CLI[@]}" bench --dtype bfloat16 \
                              --masking off --model eomt-l-640 --batch 1 8 --budget 3 \
                              --impls eomt_fast eomt_fast-cuda-graphs transformers-sdpa
                          second=$?
                          [ $first -eq 0 ] && [ $second -eq 0 ] ;;
-            tests)       timeout "$STEP_TIMEOUT" "$PY" -P -m pytest -m gpu -q -rs --ignore tests/test_model_gpu.py ;;
+            tests)       timeout "$STEP_TIMEOUT" "$PY" "${GPU_TESTS[@]}" ;;
             model-tests) timeout "$STEP_TIMEOUT" "$PY" -P -m pytest -m gpu -q -rs tests/test_model_gpu.py ;;
             check-kernels) timeout "$STEP_TIMEOUT" "$PY" "${CLI[@]}" check-kernels ;;
             model-b1)    per_model MODELS "${MODEL[@]}" --batch 1 "${COMPILE_DEFAULT[@]}" ;;
@@ -147,9 +149,9 @@ run_step() {
 }
 
 for step in "${STEPS[@]}"; do
-    case " first-look ${ALL[*]} all " in
+    case " ${STEP_NAMES[*]} " in
         *" $step "*) ;;
-        *) echo "unknown step $step; steps: first-look ${ALL[*]} all" >&2; exit 2 ;;
+        *) echo "unknown step $step; steps: ${STEP_NAMES[*]}" >&2; exit 2 ;;
     esac
 done
 mkdir -p bench/results
