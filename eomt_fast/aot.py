@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .dispatch import KERNEL_MODULES  # the one list of kernel files
+from .kernels._triton import LAUNCH_OPTIONS  # the options every launch passes
 
 ARCHS = (80, 90)
 
@@ -74,7 +75,8 @@ def compile_spec(spec: KernelSpec, arch: int) -> CompileReport:
 
     source = ASTSource(fn=spec.fn, signature=spec.signature, constexprs=spec.constexprs)
     compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
-                              options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
+                              options={"num_warps": spec.num_warps, "num_stages": spec.num_stages,
+                                       **LAUNCH_OPTIONS})
     with tempfile.TemporaryDirectory() as tmp:
         cubin = os.path.join(tmp, "kernel.cubin")
         with open(cubin, "wb") as f:

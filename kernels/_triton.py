@@ -8,6 +8,12 @@ raises an error that says Triton is missing. ``dispatch`` never picks a kernel w
 
 from __future__ import annotations
 
+# Options every kernel launch passes (and ``eomt-fast check-kernels`` compiles with): floating-point
+# contraction (a * b + c as one FMA) stays on, as it is in Triton up to 3.9 and in PyTorch's own CUDA
+# kernels. Triton 3.10 turns it off by default (3.9 warns that it will); the kernels were written and
+# checked with it on. The interpreter ignores launch options.
+LAUNCH_OPTIONS: dict = {"enable_fp_fusion": True}
+
 try:
     import triton
     import triton.language as tl
@@ -45,4 +51,4 @@ except ImportError:  # pragma: no cover - exercised by tests/test_package.py in 
     triton = _Missing("triton")
     tl = _Missing("triton.language")
 
-__all__ = ["HAS_TRITON", "tl", "triton"]
+__all__ = ["HAS_TRITON", "LAUNCH_OPTIONS", "tl", "triton"]

@@ -12,7 +12,7 @@ import os
 
 import torch
 import torch.nn.functional as F
-from ._triton import tl, triton  # Triton, or a stand-in where it is not installed
+from ._triton import LAUNCH_OPTIONS, tl, triton  # Triton, or a stand-in where it is not installed
 
 
 def expand_query_patch_mask(query_patch_mask: torch.Tensor, seq_len: int, patch_start: int) -> torch.Tensor:
@@ -393,7 +393,7 @@ def pack_query_patch_mask(query_patch_mask: torch.Tensor, seq_len: int, patch_st
         rows, words = 16, 16
         grid = (triton.cdiv(n_words, words), triton.cdiv(num_queries, rows), batch)
         _pack_mask_kernel[grid](mask, bits, seq_len, num_queries, patch_start, n_words, *mask.stride(),
-                                ROWS=rows, WORDS=words)
+                                ROWS=rows, WORDS=words, **LAUNCH_OPTIONS)
     return bits
 
 
@@ -441,13 +441,13 @@ def masked_attention_fwd(
     )
     if block_m is None and block_n is None:
         grid = lambda cfg: (batch * num_heads, triton.cdiv(seq_len, cfg["BLOCK_M"]))  # noqa: E731
-        _masked_attention_fwd_autotuned[grid](*args, **meta)
+        _masked_attention_fwd_autotuned[grid](*args, **meta, **LAUNCH_OPTIONS)
     else:
         block_m, block_n = block_m or 64, block_n or 64
         if block_n % 32 or block_n > MAX_BLOCK_N:
             raise ValueError(f"block_n must be a multiple of 32 up to {MAX_BLOCK_N}, got {block_n}")
         _masked_attention_fwd_kernel[(batch * num_heads, triton.cdiv(seq_len, block_m))](
-            *args, **meta, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, num_stages=2)
+            *args, **meta, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, num_stages=2, **LAUNCH_OPTIONS)
     return out
 
 

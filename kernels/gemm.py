@@ -68,7 +68,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from ._triton import tl, triton  # Triton, or a stand-in where it is not installed
+from ._triton import LAUNCH_OPTIONS, tl, triton  # Triton, or a stand-in where it is not installed
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -102,6 +102,9 @@ class GemmConfig:
 # (GROUP_M 4, so that tests cross group boundaries) with the split epilogue of the big GPU tiles.
 INTERPRETER_CONFIG = GemmConfig(64, 64, 64, group_m=4, num_warps=4, num_stages=1, epilogue_subtiles=2)
 REDUCE_BLOCK = 64  # tile of the split-K reduce kernel
+# 8 warps: with GLU the reduce holds two 64 x 64 fp32 sums, which at 4 warps spill under Triton 3.6
+# (255 registers and 48-56 B of stack on sm_80/sm_90; 3.9 needs 160); it is memory bound either way
+REDUCE_WARPS = 8
 
 # The autotune lists: GemmConfig(BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, warps, stages, epilogue subtiles).
 # Every entry compiles for sm_80 and sm_90 (wgmma there) without spills at the flags it is listed for
@@ -136,12 +139,13 @@ GPU_GLU_LN_PROLOGUE_CONFIGS = (
     GemmConfig(64, 128, 32, 8, 8, 4, 1),
     GemmConfig(64, 64, 32, 8, 4, 4, 1),
 )
-# fp32 operands run on FMA units ("ieee" dots): smaller tiles, BLOCK_K 32 (16 with GLU).
+# fp32 operands run on FMA units ("ieee" dots): smaller tiles, BLOCK_K 32 (16 with GLU). 64 x 64 tiles
+# take 2 stages: with 3 the residual epilogue spills 8 B on sm_90 under Triton 3.6 (not under 3.9).
 GPU_FP32_CONFIGS = (
     GemmConfig(128, 128, 32, 8, 8, 3, 1),
     GemmConfig(128, 64, 32, 8, 8, 3, 1),
     GemmConfig(64, 128, 32, 8, 8, 3, 1),
-    GemmConfig(64, 64, 32, 8, 8, 3, 1),
+    GemmConfig(64, 64, 32, 8, 8, 2, 1),
 )
 GPU_FP32_GLU_CONFIGS = (
     GemmConfig(64, 64, 16, 8, 8, 3, 1),
@@ -497,7 +501,7 @@ def _layernorm_launch(x: torch.Tensor, y, mean, rstd, ln_weight, ln_bias, eps: f
         ln_weight if ln_weight is not None else dummy, ln_bias if ln_bias is not None else dummy,
         m, c, rows_inner, stride_b, x.stride(-2), y.stride(0) if y is not None else 0, eps,
         WRITE_Y=y is not None, WRITE_STATS=mean is not None, SPLIT_ROWS=x.dim() == 3, ROWS=rows,
-        BLOCK_C=block_c, num_warps=num_warps)
+        BLOCK_C=block_c, num_warps=num_warps, **LAUNCH_OPTIONS)
 
 
 def as_rows(t: torch.Tensor) -> torch.Tensor:
@@ -721,15 +725,15 @@ def gemm(
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), split_k)  # noqa: E731
     if config is not None:
         _gemm_kernel[grid(config.meta())](*args, **epilogue, **mainloop, **config.meta(),
-                                          num_warps=config.num_warps, num_stages=config.num_stages)
+                                          num_warps=config.num_warps, num_stages=config.num_stages, **LAUNCH_OPTIONS)
     else:
         # an in-place call must find out unchanged after each of the autotuner's benchmark runs
         tuned = _tuned_kernel(glu, mean is not None, a.dtype == torch.float32, view_4d, in_place and split_k == 1)
-        tuned[grid](*args, **epilogue, **mainloop)
+        tuned[grid](*args, **epilogue, **mainloop, **LAUNCH_OPTIONS)
     if split_k > 1:
         _splitk_reduce_kernel[(triton.cdiv(m, REDUCE_BLOCK), triton.cdiv(n, REDUCE_BLOCK))](
             workspace[0], workspace[-1], out, bias_, scale_, residual_, m, n, *out_geom, *res_strides, n,
-            **epilogue, BLOCK_M=REDUCE_BLOCK, BLOCK_N=REDUCE_BLOCK, num_warps=4)
+            **epilogue, BLOCK_M=REDUCE_BLOCK, BLOCK_N=REDUCE_BLOCK, num_warps=REDUCE_WARPS, **LAUNCH_OPTIONS)
     return out
 
 
@@ -849,7 +853,7 @@ def splitk_reduce_aot_spec(name: str, dtype: torch.dtype, split_k: int, *, activ
                   "BLOCK_N": REDUCE_BLOCK}
     signature.update({key: "constexpr" for key in constexprs})
     return KernelSpec(name=f"{name}_{t}_splitk{split_k}", fn=_splitk_reduce_kernel, signature=signature,
-                      constexprs=constexprs, num_warps=4)
+                      constexprs=constexprs, num_warps=REDUCE_WARPS)
 
 
 # The building blocks at the configurations the ops do not list themselves (each op file lists its

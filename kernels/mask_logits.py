@@ -62,7 +62,7 @@ import functools  # noqa: E402
 import os  # noqa: E402
 
 from . import gemm as _gemm  # noqa: E402
-from ._triton import tl, triton  # noqa: E402  (Triton, or a stand-in where it is not installed)
+from ._triton import LAUNCH_OPTIONS, tl, triton  # noqa: E402  (Triton, or a stand-in where it is not installed)
 from .gemm import grouped_tile  # noqa: E402
 
 _INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -77,9 +77,10 @@ GRID_MASK_GPU_CONFIGS = (
     _gemm.GemmConfig(128, 64, 64, 8, 8, 3),
     _gemm.GemmConfig(128, 128, 64, 8, 8, 3),
 )
-# fp32: "ieee" FMA dots; 64 x 64 x 32 tiles spill with 4 warps (sm_90) or 3 stages (sm_80)
+# fp32: "ieee" FMA dots; 64 x 64 x 32 tiles spill with 4 warps (sm_90) or 3 stages (sm_80); 64 x 64 x 16
+# tiles take 4 warps (with 8 warps and 3 stages they spill 8 B on sm_90 under Triton 3.6, not under 3.9)
 GRID_MASK_GPU_FP32_CONFIGS = (
-    _gemm.GemmConfig(64, 64, 16, 8, 8, 3),
+    _gemm.GemmConfig(64, 64, 16, 8, 4, 3),
     _gemm.GemmConfig(64, 64, 32, 8, 8, 2),
     _gemm.GemmConfig(128, 64, 32, 8, 8, 2),
 )
@@ -249,9 +250,9 @@ def grid_attention_mask_forward(mask_embeddings: torch.Tensor, pixel_embeddings:
         triton.cdiv(num_patches, cfg["BLOCK_M"]) * triton.cdiv(num_queries, cfg["BLOCK_N"]), batch)
     if config is not None:
         _grid_mask_kernel[grid(config.meta())](*args, **meta, **config.meta(), num_warps=config.num_warps,
-                                               num_stages=config.num_stages)
+                                               num_stages=config.num_stages, **LAUNCH_OPTIONS)
     else:
-        _tuned_grid_mask_kernel(fp32)[grid](*args, **meta)
+        _tuned_grid_mask_kernel(fp32)[grid](*args, **meta, **LAUNCH_OPTIONS)
     return out
 
 

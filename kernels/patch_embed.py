@@ -51,7 +51,7 @@ import functools  # noqa: E402
 import os  # noqa: E402
 
 from . import gemm as _gemm  # noqa: E402
-from ._triton import tl, triton  # noqa: E402  (Triton, or a stand-in where it is not installed)
+from ._triton import LAUNCH_OPTIONS, tl, triton  # noqa: E402  (Triton, or a stand-in where it is not installed)
 from .gemm import grouped_tile, split_columns  # noqa: E402
 
 _INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -223,9 +223,9 @@ def patch_embed_forward(
     grid = lambda cfg: (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(hidden, cfg["BLOCK_N"]),)  # noqa: E731
     if config is not None:
         _patch_embed_kernel[grid(config.meta())](*args, **meta, **config.meta(), num_warps=config.num_warps,
-                                                 num_stages=config.num_stages)
+                                                 num_stages=config.num_stages, **LAUNCH_OPTIONS)
     else:
-        _tuned_kernel(dtype == torch.float32)[grid](*args, **meta)
+        _tuned_kernel(dtype == torch.float32)[grid](*args, **meta, **LAUNCH_OPTIONS)
     return out
 
 

@@ -63,7 +63,7 @@ import functools  # noqa: E402
 import os  # noqa: E402
 
 from . import gemm as _gemm  # noqa: E402
-from ._triton import tl, triton  # noqa: E402  (Triton, or a stand-in where it is not installed)
+from ._triton import LAUNCH_OPTIONS, tl, triton  # noqa: E402  (Triton, or a stand-in where it is not installed)
 from .gemm import apply_activation, grouped_tile, split_columns  # noqa: E402
 
 _INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -311,9 +311,9 @@ def convt_gelu(x: torch.Tensor, convt_weight: torch.Tensor, convt_bias: torch.Te
     grid = lambda cfg: (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)  # noqa: E731
     if config is not None:
         _convt_gelu_kernel[grid(config.meta())](*args, **meta, **config.meta(), num_warps=config.num_warps,
-                                                num_stages=config.num_stages)
+                                                num_stages=config.num_stages, **LAUNCH_OPTIONS)
     else:
-        _tuned_convt_kernel(x.dtype == torch.float32)[grid](*args, **meta)
+        _tuned_convt_kernel(x.dtype == torch.float32)[grid](*args, **meta, **LAUNCH_OPTIONS)
     return out
 
 
@@ -333,7 +333,7 @@ def dwconv_layernorm(y: torch.Tensor, dw_weight: torch.Tensor, ln_weight: torch.
     _tuned_dwconv_kernel()[grid](
         y, dw_weight, ln_weight, ln_bias, out, height, width, channels, eps,
         *y.stride(), dw_weight.stride(0), dw_weight.stride(2), dw_weight.stride(3), *out.stride(),
-        ALIGNED=aligned, BLOCK_C=triton.next_power_of_2(channels), SEGMENT=DWCONV_SEGMENT)
+        ALIGNED=aligned, BLOCK_C=triton.next_power_of_2(channels), SEGMENT=DWCONV_SEGMENT, **LAUNCH_OPTIONS)
     return out
 
 

@@ -1,6 +1,9 @@
 """dispatch: which implementation every op runs, and why."""
 
+import ast
+import importlib
 import inspect
+from pathlib import Path
 
 import pytest
 import torch
@@ -38,6 +41,26 @@ def test_every_kernel_has_its_references_signature():
     assert available
     for op, kernel in available.items():
         assert _parameters(kernel) == _parameters(getattr(kernels, dispatch.OPS[op][0])), op
+
+
+def _launches(tree: ast.AST):
+    """Every ``kernel[grid](...)`` call in a module's syntax tree."""
+    return [node for node in ast.walk(tree) if isinstance(node, ast.Call) and isinstance(node.func, ast.Subscript)]
+
+
+def test_every_kernel_launch_passes_the_launch_options():
+    # LAUNCH_OPTIONS pins FMA contraction on, whatever the installed Triton's default (3.10 turns it off)
+    from eomt_fast.kernels._triton import LAUNCH_OPTIONS
+
+    assert LAUNCH_OPTIONS == {"enable_fp_fusion": True}
+    found = 0
+    for name in dispatch.KERNEL_MODULES:
+        path = Path(inspect.getfile(importlib.import_module(f"eomt_fast.kernels.{name}")))
+        for call in _launches(ast.parse(path.read_text())):
+            found += 1
+            spread = [k.value.id for k in call.keywords if k.arg is None and isinstance(k.value, ast.Name)]
+            assert "LAUNCH_OPTIONS" in spread, f"{path.name}:{call.lineno} launches a kernel without **LAUNCH_OPTIONS"
+    assert found >= 14  # the launches there are (a parse that finds none would pass vacuously)
 
 
 def test_float64_stays_on_the_references():
