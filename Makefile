@@ -7,13 +7,19 @@ PYTEST_ARGS ?=
 
 .PHONY: install test demo info check-kernels device-versions clean
 
+# $(call install-env,VENV,PINS): create VENV when missing, install PINS, then the package (editable) with
+# every extra; what PINS installed already satisfies the package's own requirements and stays
+define install-env
+	test -x $(1)/bin/python || $(PYTHON) -m venv $(1)
+	$(1)/bin/python -m pip install -q --upgrade pip "setuptools>=68" wheel
+	$(1)/bin/python -m pip install -q $(2)
+	$(1)/bin/python -m pip install -q --no-build-isolation -e ".[test,hf,bench,images]"
+	touch $(1)/.installed
+endef
+
+# torch==2.13.0 is the CPU build on these machines; the package itself accepts torch>=2.4
 $(STAMP): pyproject.toml Makefile
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip "setuptools>=68" wheel
-	# torch==2.13.0 is the CPU build on these machines; the package itself accepts torch>=2.4
-	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q --no-build-isolation -e ".[test,hf,bench,images]"
-	touch $(STAMP)
+	$(call install-env,$(VENV),torch==2.13.0)
 
 install: $(STAMP)
 
@@ -41,10 +47,7 @@ DEVICE_VENV ?= .venv-device
 DEVICE_PINS := torch==2.11.0 triton==3.6.0 transformers==5.17.0 "numpy<2.4"
 
 $(DEVICE_VENV)/.installed: pyproject.toml Makefile
-	test -x $(DEVICE_VENV)/bin/python || $(PYTHON) -m venv $(DEVICE_VENV)
-	$(DEVICE_VENV)/bin/python -m pip install -q --upgrade pip "setuptools>=68" wheel
-	$(DEVICE_VENV)/bin/python -m pip install -q --no-build-isolation -e ".[test,hf,bench,images]" $(DEVICE_PINS)
-	touch $@
+	$(call install-env,$(DEVICE_VENV),$(DEVICE_PINS))
 
 device-versions: $(DEVICE_VENV)/.installed
 	$(DEVICE_VENV)/bin/python -c "import torch, triton, transformers, numpy; print('torch', torch.__version__, \
