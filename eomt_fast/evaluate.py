@@ -185,7 +185,8 @@ def evaluate(model: Any, processor: Any, scenes: Sequence[scene_lib.Scene], batc
     for start in range(0, len(scenes), batch_size):
         chunk = scenes[start:start + batch_size]
         inputs = processor.preprocess([s.image for s in chunk], dtype=dtype)
-        outputs = model(pixel_values=inputs.pixel_values)
+        outputs = model(pixel_values=inputs.pixel_values, output_hidden_states=False, output_attentions=False,
+                        return_dict=True)  # whatever config.json says
         panoptic = processor.post_process_panoptic_segmentation(
             outputs, target_sizes=inputs.target_sizes, threshold=threshold, stuff_classes=scene_lib.STUFF_IDS)
         for scene, pred in zip(chunk, panoptic):

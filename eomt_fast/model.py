@@ -26,6 +26,7 @@ from torch import nn
 
 from . import checkpoint, dispatch
 from .config import EomtFastConfig
+from .kernels.attention import attention_probabilities
 
 if TYPE_CHECKING:
     from .cuda_graphs import Capture, CudaGraphs
@@ -49,8 +50,9 @@ def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
 
 @dataclass
 class EomtFastOutput:
-    """The fields of transformers' EomtForUniversalSegmentationOutput (loss, hidden_states and attentions
-    are always None: this is an inference model)."""
+    """The fields of transformers' EomtForUniversalSegmentationOutput. ``loss`` is always None (an inference
+    model); ``hidden_states`` and ``attentions`` are filled when asked for (``output_hidden_states=True``,
+    ``output_attentions=True``), as transformers fills them."""
 
     loss: torch.Tensor | None = None
     class_queries_logits: torch.Tensor | None = None
@@ -79,6 +81,27 @@ def _weight(*shape: int) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape), requires_grad=False)
 
 
+@dataclass
+class Recording:
+    """What a forward collects when asked: hidden states and attention probabilities, in layer order."""
+
+    hidden_states: list[torch.Tensor] | None = None
+    attentions: list[torch.Tensor] | None = None
+
+    @classmethod
+    def requested(cls, hidden_states: bool, attentions: bool) -> Recording | None:
+        if not (hidden_states or attentions):
+            return None
+        return cls([] if hidden_states else None, [] if attentions else None)
+
+    def fill(self, out: EomtFastOutput) -> EomtFastOutput:
+        return dataclasses.replace(
+            out,
+            hidden_states=tuple(self.hidden_states) if self.hidden_states is not None else None,
+            attentions=tuple(self.attentions) if self.attentions is not None else None,
+        )
+
+
 class EncoderLayer(nn.Module):
     """One pre-norm ViT layer with LayerScale; weights in the fused layout (qkv, SwiGLU gate_up as fc1)."""
 
@@ -98,9 +121,13 @@ class EncoderLayer(nn.Module):
         self.fc2_weight, self.fc2_bias = _weight(c, hidden), _weight(c)
         self.ls2 = _weight(c)
 
-    def forward(self, x: torch.Tensor, query_patch_mask: torch.Tensor | None, patch_start: int, ops: Ops) -> torch.Tensor:
-        """Updates x (B, S, C), a view of the model's token buffer, in place, and returns it."""
+    def forward(self, x: torch.Tensor, query_patch_mask: torch.Tensor | None, patch_start: int, ops: Ops,
+                attentions: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """Updates x (B, S, C), a view of the model's token buffer, in place, and returns it. With a list as
+        ``attentions``, appends this layer's (B, heads, S, S) attention probabilities to it."""
         qkv = ops["layernorm_qkv"](x, self.ln1_weight, self.ln1_bias, self.eps, self.qkv_weight, self.qkv_bias)
+        if attentions is not None:
+            attentions.append(attention_probabilities(qkv, self.num_heads, query_patch_mask, patch_start))
         attn = ops["attention"](qkv, self.num_heads, query_patch_mask, patch_start)
         ops["out_projection"](attn, self.out_weight, self.out_bias, self.ls1, x, out=x)
         mlp = ops["layernorm_swiglu"] if self.swiglu else ops["layernorm_mlp"]
@@ -395,15 +422,30 @@ class EomtFastForUniversalSegmentation(nn.Module):
         seq = cfg.num_queries + cfg.num_prefix_tokens + cfg.num_patches
         return torch.empty(batch, seq, cfg.hidden_size, dtype=self.dtype, device=self.device)
 
-    def _empty_output(self, patch_offsets) -> EomtFastOutput:
+    def _sequence_lengths(self) -> list[int]:
+        """The token count each layer sees: 1 + R + P before the query layers, Q + 1 + R + P in them."""
+        cfg = self.config
+        body = cfg.num_prefix_tokens + cfg.num_patches
+        return [body + cfg.num_queries * (index >= cfg.first_query_layer) for index in range(cfg.num_hidden_layers)]
+
+    def _empty_output(self, patch_offsets, recording: Recording | None = None) -> EomtFastOutput:
         cfg, kw = self.config, {"dtype": self.dtype, "device": self.device}
         seq = cfg.num_queries + cfg.num_prefix_tokens + cfg.num_patches
-        return EomtFastOutput(
+        out = EomtFastOutput(
             class_queries_logits=torch.empty(0, cfg.num_queries, cfg.num_labels + 1, **kw),
             masks_queries_logits=torch.empty(0, cfg.num_queries, self.mask_size, self.mask_size, **kw),
             last_hidden_state=torch.empty(0, seq, cfg.hidden_size, **kw),
             patch_offsets=patch_offsets,
         )
+        if recording is None:
+            return out
+        lengths = self._sequence_lengths()  # what a batch of images would give, with batch 0
+        if recording.hidden_states is not None:  # layer 0's input, the outputs of layers 0..L-2, last_hidden_state
+            recording.hidden_states.extend(torch.empty(0, n, cfg.hidden_size, **kw) for n in lengths[:1] + lengths[:-1])
+            recording.hidden_states.append(out.last_hidden_state)
+        if recording.attentions is not None:
+            recording.attentions.extend(torch.empty(0, cfg.num_attention_heads, n, n, **kw) for n in lengths)
+        return recording.fill(out)
 
     @torch.no_grad()
     def forward(
@@ -411,18 +453,55 @@ class EomtFastForUniversalSegmentation(nn.Module):
         pixel_values: torch.Tensor,
         patch_offsets: list[torch.Tensor] | None = None,
         generator: torch.Generator | None = None,
-    ) -> EomtFastOutput:
+        *,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+        mask_labels: list[torch.Tensor] | None = None,
+        class_labels: list[torch.Tensor] | None = None,
+    ) -> EomtFastOutput | tuple:
         """pixel_values (B, channels, image_size, image_size), normalised. ``patch_offsets`` (from the image
         processor's semantic sliding windows) is passed through. ``generator`` drives the random unmasking of
         layers whose attn_mask_probs lies strictly between 0 and 1 (default: torch's global generator, as
         transformers; not with cuda_graphs, whose graphs draw from the default generator). The caller's
-        pixel_values are never written."""
-        if not torch.compiler.is_compiling() and self._cuda_graphs is not None:
-            return self._cuda_graphs(pixel_values, patch_offsets, generator)
-        self.check_pixel_values(pixel_values)
-        if pixel_values.shape[0] == 0:
-            return self._empty_output(patch_offsets)
-        return self._output(*self._forward_tensors(pixel_values, generator), patch_offsets)
+        pixel_values are never written.
+
+        As in transformers (defaults from the checkpoint's config.json, else False / False / True):
+        ``output_hidden_states=True`` adds the embeddings and every layer's output (the last one replaced by
+        ``last_hidden_state``, after the final LayerNorm); ``output_attentions=True`` adds every layer's
+        (B, heads, S, S) attention probabilities, as transformers' eager attention returns them (computed
+        apart, in plain PyTorch: O(S^2) memory per layer); ``return_dict=False`` returns ``to_tuple()``.
+        Either output runs the forward uncaptured, even with CUDA graphs enabled. ``mask_labels`` and
+        ``class_labels`` (transformers' training loss) are refused: this is an inference model."""
+        if mask_labels is not None or class_labels is not None:
+            raise ValueError("mask_labels / class_labels are for transformers' training loss; "
+                             "EomtFastForUniversalSegmentation is inference only (train with transformers' model)")
+        recording = Recording.requested(
+            self._flag("output_hidden_states", output_hidden_states, False),
+            self._flag("output_attentions", output_attentions, False),
+        )
+        as_dict = self._flag("return_dict", return_dict, True)
+        if recording is None and not torch.compiler.is_compiling() and self._cuda_graphs is not None:
+            out = self._cuda_graphs(pixel_values, patch_offsets, generator)
+        else:
+            self.check_pixel_values(pixel_values)
+            if pixel_values.shape[0] == 0:
+                out = self._empty_output(patch_offsets, recording)
+            else:
+                out = self._output(*self._forward_tensors(pixel_values, generator, recording), patch_offsets)
+                if recording is not None:
+                    out = recording.fill(out)
+        return out if as_dict else out.to_tuple()
+
+    def _flag(self, name: str, value: Any, default: bool) -> bool:
+        """A forward flag: the argument, else the value config.json carried (transformers' default), else
+        ``default``; only True or False."""
+        if value is None:
+            value = self.config.extra.get(name, default)
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be True or False, got {value!r}"
+                            + (" (select layers from the returned tuple)" if name == "output_hidden_states" else ""))
+        return value
 
     @staticmethod
     def _output(class_logits: torch.Tensor, mask_logits: torch.Tensor, last_hidden_state: torch.Tensor,
@@ -432,9 +511,11 @@ class EomtFastForUniversalSegmentation(nn.Module):
 
     def _forward_tensors(
         self, pixel_values: torch.Tensor, generator: torch.Generator | None = None,
+        recording: Recording | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The network on checked pixel_values of batch >= 1: (class logits, mask logits, last hidden state).
-        No host sync once the host caches (ops, masking_probs) are filled: CUDA graphs capture this."""
+        No host sync once the host caches (ops, masking_probs) are filled: CUDA graphs capture this.
+        ``recording`` collects copies of the hidden states and the attention probabilities on the way."""
         cfg = self.config
         batch = pixel_values.shape[0]
         queries, prefix = cfg.num_queries, cfg.num_prefix_tokens
@@ -449,21 +530,29 @@ class EomtFastForUniversalSegmentation(nn.Module):
         body[:, 0].copy_(self.cls_token)  # broadcast over the batch
         body[:, 1:prefix].copy_(self.register_tokens)
         mask = None  # like transformers, a later layer with prob 0 keeps the last mask computed
+        hidden_states = recording.hidden_states if recording is not None else None
+        attentions = recording.attentions if recording is not None else None
         for index, layer in enumerate(self.layers):
             block = index - cfg.first_query_layer
             if block == 0:
                 tokens[:, :queries].copy_(self.query)
             x = tokens if block >= 0 else body
+            if hidden_states is not None and index == 0:
+                hidden_states.append(x.clone())  # what the first layer reads (transformers: its input)
             if block >= 0 and probs[block] > 0:
                 mask = self._query_patch_mask(x, ops)
                 if probs[block] < 1:  # each query row unmasked with probability 1 - prob
                     keep_all = torch.rand(batch, queries, device=x.device, generator=generator) > probs[block]
                     mask = mask | keep_all[:, :, None]
-            layer(x, mask if block >= 0 else None, patch_start, ops)  # updates the buffer in place
+            layer(x, mask if block >= 0 else None, patch_start, ops, attentions)  # updates the buffer in place
+            if hidden_states is not None and index < cfg.num_hidden_layers - 1:
+                hidden_states.append(x.clone())  # the last layer's output is replaced by last_hidden_state
         if cfg.num_blocks == 0:  # queries enter after the last layer (transformers cannot run this config)
             tokens[:, :queries].copy_(self.query)
 
         x = self._layernorm(tokens)
+        if hidden_states is not None:
+            hidden_states.append(x)  # transformers: hidden_states[-1] is last_hidden_state
         query_tokens, patches = self._split_tokens(x)
         class_logits = torch.nn.functional.linear(query_tokens, self.class_weight, self.class_bias)
         mask_logits = ops["mask_logits"](self.mask_head(query_tokens, ops), self._pixel_embeddings(patches, ops))

@@ -304,7 +304,7 @@ def forward_fixed_batches(model, pixel_values: torch.Tensor, patch_offsets, batc
         count = chunk.shape[0]
         if count < batch_size:
             chunk = torch.cat([chunk, chunk[-1:].expand(batch_size - count, -1, -1, -1)])
-        out = model(chunk)
+        out = model(chunk, output_hidden_states=False, output_attentions=False, return_dict=True)  # not config.json's
         masks.append(out.masks_queries_logits[:count])
         classes.append(out.class_queries_logits[:count])
     return EomtFastOutput(class_queries_logits=torch.cat(classes), masks_queries_logits=torch.cat(masks),

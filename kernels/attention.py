@@ -32,6 +32,24 @@ def expand_query_patch_mask(query_patch_mask: torch.Tensor, seq_len: int, patch_
     return rows
 
 
+def _split_heads(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B, S, 3*C) -> q, k, v, each a (B, H, S, D) view."""
+    three_c = qkv.shape[-1]
+    if three_c % (3 * num_heads):
+        raise ValueError(f"qkv last dimension {three_c} is not 3 * num_heads ({num_heads}) * head_dim")
+    head_dim = three_c // (3 * num_heads)
+    return qkv.unflatten(-1, (3, num_heads, head_dim)).permute(2, 0, 3, 1, 4).unbind(0)
+
+
+def _query_rows(query_patch_mask: torch.Tensor, seq_len: int, patch_start: int | None) -> torch.Tensor:
+    """The checked (B, Q, P) mask as (B, 1, Q, S) boolean rows, broadcast over the heads."""
+    if patch_start is None:
+        raise ValueError("patch_start is required with a query_patch_mask")
+    if query_patch_mask.dtype != torch.bool:
+        raise TypeError(f"query_patch_mask must be bool, got {query_patch_mask.dtype}")
+    return expand_query_patch_mask(query_patch_mask, seq_len, patch_start)[:, None]
+
+
 def attention_ref(
     qkv: torch.Tensor,
     num_heads: int,
@@ -49,25 +67,36 @@ def attention_ref(
     (the only masked ones) and the other S - Q rows are two calls, so memory stays O(Q * S).
     """
     batch, seq_len, three_c = qkv.shape
-    if three_c % (3 * num_heads):
-        raise ValueError(f"qkv last dimension {three_c} is not 3 * num_heads ({num_heads}) * head_dim")
-    hidden = three_c // 3
-    head_dim = hidden // num_heads
-    q, k, v = qkv.unflatten(-1, (3, num_heads, head_dim)).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, S, D)
-    scale = head_dim**-0.5
+    q, k, v = _split_heads(qkv, num_heads)
+    scale = q.shape[-1] ** -0.5
     if query_patch_mask is None:
         out = F.scaled_dot_product_attention(q, k, v, scale=scale)
     else:
-        if patch_start is None:
-            raise ValueError("patch_start is required with a query_patch_mask")
-        if query_patch_mask.dtype != torch.bool:
-            raise TypeError(f"query_patch_mask must be bool, got {query_patch_mask.dtype}")
-        num_queries = query_patch_mask.shape[1]
-        rows = expand_query_patch_mask(query_patch_mask, seq_len, patch_start)[:, None]  # (B, 1, Q, S)
+        rows = _query_rows(query_patch_mask, seq_len, patch_start)
+        num_queries = rows.shape[2]
         out_queries = F.scaled_dot_product_attention(q[:, :, :num_queries], k, v, attn_mask=rows, scale=scale)
         out_others = F.scaled_dot_product_attention(q[:, :, num_queries:], k, v, scale=scale)
         out = torch.cat([out_queries, out_others], dim=2)
-    return out.transpose(1, 2).reshape(batch, seq_len, hidden)
+    return out.transpose(1, 2).reshape(batch, seq_len, three_c // 3)
+
+
+def attention_probabilities(
+    qkv: torch.Tensor,
+    num_heads: int,
+    query_patch_mask: torch.Tensor | None = None,
+    patch_start: int | None = None,
+) -> torch.Tensor:
+    """The (B, H, S, S) attention probabilities of the attention above, as transformers' eager attention
+    returns them for ``output_attentions=True``: q k^T * D^-0.5 in the input dtype, masked pairs at -inf
+    (the additive -1e9 of transformers gives the same zeros), softmax in float32 (float64 stays float64,
+    where transformers' eager attention rounds through float32), cast back. Plain PyTorch and O(S^2)
+    memory: only for callers who ask for the weights, never on the forward's own path."""
+    q, k, _ = _split_heads(qkv, num_heads)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    if query_patch_mask is not None:
+        rows = _query_rows(query_patch_mask, qkv.shape[1], patch_start)
+        scores[:, :, :rows.shape[2]].masked_fill_(~rows, float("-inf"))
+    return torch.softmax(scores, dim=-1, dtype=torch.promote_types(qkv.dtype, torch.float32)).to(qkv.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import torch
 
 from eomt_fast.kernels.attention import (
     AOT_CONFIGS,
+    attention_probabilities,
     attention_ref,
     masked_attention,
     masked_attention_fwd,
@@ -280,6 +281,26 @@ def test_compile_fullgraph(device):
 # ------------------------------------------------------------------------------------------------
 # Dispatch and ahead-of-time compilation
 # ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["none", "rand", "false", "perbatch"])
+def test_attention_probabilities_are_the_weights_of_attention_ref(kind):
+    """The weights model(output_attentions=True) returns: rows sum to 1, masked pairs are exactly 0, and
+    weights @ v is attention_ref's output (float64)."""
+    gen = torch.Generator().manual_seed(3)
+    batch, heads, head_dim, num_queries, patch_start, seq_len = 3, 2, 8, 5, 7, 31
+    qkv = torch.randn(batch, seq_len, 3 * heads * head_dim, generator=gen, dtype=torch.float64)
+    mask = make_mask(kind, batch, num_queries, seq_len - patch_start, gen)
+    probs = attention_probabilities(qkv, heads, mask, patch_start)
+    assert probs.shape == (batch, heads, seq_len, seq_len) and probs.dtype == torch.float64
+    torch.testing.assert_close(probs.sum(-1), torch.ones(batch, heads, seq_len, dtype=torch.float64))
+    if mask is not None:
+        masked = ~mask[:, None].expand(-1, heads, -1, -1)
+        assert torch.equal(probs[:, :, :num_queries, patch_start:] == 0, masked)
+    v = qkv[..., 2 * heads * head_dim:].unflatten(-1, (heads, head_dim)).transpose(1, 2)  # (B, H, S, D)
+    out = (probs @ v).transpose(1, 2).reshape(batch, seq_len, heads * head_dim)
+    torch.testing.assert_close(out, attention_ref(qkv, heads, mask, patch_start), rtol=1e-12, atol=1e-12)
+    assert attention_probabilities(qkv.float(), heads, mask, patch_start).dtype == torch.float32
+
 
 def test_dispatch_routes_attention_here():
     from eomt_fast.dispatch import triton_ops

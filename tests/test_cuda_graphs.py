@@ -184,3 +184,19 @@ def test_calls_inside_and_outside_inference_mode_share_the_graph():
     assert capture.captures == 1 and capture.replays == 3
     assert_same_outputs(first, third)
     assert_same_outputs(second, model(pixels(1, 2)))
+
+
+def test_hidden_states_or_attentions_run_the_forward_uncaptured():
+    model = small_model()
+    x = pixels(2, 9)
+    expected = model(x, output_hidden_states=True, output_attentions=True)
+    capture = CountingCapture()
+    model.enable_cuda_graphs(capture=capture)
+    got = model(x, output_hidden_states=True, output_attentions=True)
+    assert capture.captures == 0 and capture.replays == 0  # the graphs hold neither output
+    assert_same_outputs(got, expected)
+    for a, b in zip(got.hidden_states + got.attentions, expected.hidden_states + expected.attentions):
+        assert torch.equal(a, b)
+    model(x)
+    assert capture.captures == 1  # a plain call still goes through the graphs
+    model.disable_cuda_graphs()

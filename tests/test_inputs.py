@@ -82,3 +82,52 @@ def test_masking_probs_follow_buffer_changes(model):
     model.attn_mask_probs[1] = 0.0
     assert model.masking_probs() == (1.0, 0.0)
     model.attn_mask_probs.fill_(1.0)
+
+
+def test_return_dict_false_gives_the_tuple(model):
+    x = torch.randn(1, 3, 64, 64)
+    out, tup = model(x), model(x, return_dict=False)
+    assert isinstance(tup, tuple) and len(tup) == 3
+    for a, b in zip(tup, out.to_tuple()):
+        assert torch.equal(a, b)
+    hs = model(x, output_hidden_states=True, return_dict=False)
+    assert len(hs) == 4 and len(hs[3]) == model.config.num_hidden_layers + 1  # hidden_states after the three
+
+
+def test_forward_flags_default_to_the_checkpoints_config():
+    """As transformers: output_hidden_states / output_attentions / return_dict in config.json are the defaults."""
+    data = dict(TEST_CONFIGS["small_r4"], model_type="eomt", output_hidden_states=True, output_attentions=True,
+                return_dict=False)
+    model = EomtFastForUniversalSegmentation(EomtFastConfig.from_dict(data))
+    x = torch.randn(1, 3, 64, 64)
+    class_logits, mask_logits, last, hidden, attentions = model(x)
+    assert len(hidden) == model.config.num_hidden_layers + 1 and hidden[-1] is last
+    assert len(attentions) == model.config.num_hidden_layers
+    out = model(x, output_hidden_states=False, output_attentions=False, return_dict=True)
+    assert out.hidden_states is None and out.attentions is None and torch.equal(out.masks_queries_logits, mask_logits)
+
+
+def test_empty_batch_with_hidden_states_and_attentions(model):
+    cfg = model.config
+    full = model(torch.randn(1, 3, 64, 64), output_hidden_states=True, output_attentions=True)
+    empty = model(torch.empty(0, 3, 64, 64), output_hidden_states=True, output_attentions=True)
+    assert [h.shape[1:] for h in empty.hidden_states] == [h.shape[1:] for h in full.hidden_states]
+    assert [a.shape[1:] for a in empty.attentions] == [a.shape[1:] for a in full.attentions]
+    assert all(t.shape[0] == 0 for t in empty.hidden_states + empty.attentions)
+    assert empty.hidden_states[-1] is empty.last_hidden_state and len(empty.attentions) == cfg.num_hidden_layers
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"output_hidden_states": [0, -1]}, TypeError, r"output_hidden_states must be True or False, got \[0, -1\]"),
+        ({"output_attentions": 1}, TypeError, "output_attentions must be True or False, got 1"),
+        ({"return_dict": "yes"}, TypeError, "return_dict must be True or False"),
+        ({"mask_labels": [torch.zeros(1, 64, 64)]}, ValueError, "inference only"),
+        ({"class_labels": [torch.zeros(1, dtype=torch.long)]}, ValueError, "inference only"),
+    ],
+    ids=["hidden-list", "attentions-int", "return-dict-str", "mask-labels", "class-labels"],
+)
+def test_bad_forward_arguments(model, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        model(torch.randn(1, 3, 64, 64), **kwargs)

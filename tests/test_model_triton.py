@@ -38,9 +38,13 @@ def test_triton_backend_matches_plain_path_fp32(name, probs, batch):
     plain, kernels = model_pair(name, probs, torch.float32)
     assert all(p.impl == "triton" for p in kernels.op_paths())
     x = torch.randn(batch, 3, plain.config.image_size, plain.config.image_size, device=plain.device)
-    expected, got = plain(x), kernels(x)
-    for field in OUTPUTS:
-        a, b = getattr(got, field), getattr(expected, field)
+    expected = plain(x, output_hidden_states=True, output_attentions=True)
+    got = kernels(x, output_hidden_states=True, output_attentions=True)
+    pairs = [(field, getattr(got, field), getattr(expected, field)) for field in OUTPUTS]
+    pairs += [(f"hidden_states[{i}]", a, b) for i, (a, b) in enumerate(zip(got.hidden_states, expected.hidden_states))]
+    pairs += [(f"attentions[{i}]", a, b) for i, (a, b) in enumerate(zip(got.attentions, expected.attentions))]
+    assert len(pairs) == len(OUTPUTS) + 2 * plain.config.num_hidden_layers + 1
+    for field, a, b in pairs:
         assert a.shape == b.shape and a.dtype == b.dtype
         err = ((a - b).abs().max() / b.abs().max()).item()
         assert err < 1e-4, f"{field}: relative error {err:.3g}"

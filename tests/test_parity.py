@@ -115,3 +115,52 @@ def test_low_precision_within_twice_transformers_error(dtype, probs):
         our_err = (getattr(got, name).double() - ref).abs().mean().item()
         assert getattr(got, name).dtype == dtype
         assert our_err <= 2 * their_err + 1e-6, f"{name}: ours {our_err:.3g} vs transformers {their_err:.3g}"
+
+
+# hidden states and attentions: masking on then reused, fractional with SwiGLU and no registers, masking off
+RECORDING_CASES = [("small_r4", [1.0, 0.0], 2), ("r0_swiglu", [1.0, 0.3, 0.0], 2), ("hf_tiny", [0.0], 1)]
+ATTENTION_TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-5}  # transformers' eager softmax is float32
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize(("name", "probs", "batch"), RECORDING_CASES,
+                         ids=[f"{n}-p{'_'.join(map(str, p))}-B{b}" for n, p, b in RECORDING_CASES])
+def test_hidden_states_and_attentions_match_transformers(name, probs, batch, dtype):
+    hf = random_hf_model(seed=11 + batch, dtype=dtype, attn_mask_probs=probs, **TEST_CONFIGS[name])
+    ours = EomtFastForUniversalSegmentation.from_hf(hf)
+    size = hf.config.image_size
+    x = torch.randn(batch, 3, size, size, dtype=dtype)
+    torch.manual_seed(5)
+    expected = hf(x, output_hidden_states=True)
+    torch.manual_seed(5)
+    got = ours(x, output_hidden_states=True, output_attentions=True)
+    assert_outputs_close(got, expected, TOLERANCE[dtype])
+    assert len(got.hidden_states) == len(expected.hidden_states) == hf.config.num_hidden_layers + 1
+    for index, (a, b) in enumerate(zip(got.hidden_states, expected.hidden_states)):
+        assert a.shape == b.shape and a.dtype == b.dtype, (index, a.shape, b.shape)
+        err = ((a - b).abs().max() / b.abs().max()).item()
+        assert err <= TOLERANCE[dtype], f"hidden_states[{index}]: relative error {err:.3g}"
+    assert got.hidden_states[-1] is got.last_hidden_state  # as transformers ties them
+    assert len({h.data_ptr() for h in got.hidden_states}) == len(got.hidden_states)  # copies, not the buffer
+
+    hf.set_attn_implementation("eager")  # the only transformers attention that returns its weights
+    torch.manual_seed(5)
+    eager = hf(x, output_attentions=True)
+    assert len(got.attentions) == len(eager.attentions) == hf.config.num_hidden_layers
+    for index, (a, b) in enumerate(zip(got.attentions, eager.attentions)):
+        assert a.shape == b.shape and a.dtype == b.dtype, (index, a.shape, b.shape)
+        err = (a - b).abs().max().item()  # probabilities: at most 1
+        assert err <= ATTENTION_TOLERANCE[dtype], f"attentions[{index}]: error {err:.3g}"
+        assert torch.equal(a == 0, b == 0) or dtype == torch.float32, index  # the same masked pairs
+
+
+def test_hidden_states_start_with_the_queries_when_every_layer_has_them():
+    """num_blocks == num_hidden_layers: transformers' first hidden state is layer 0's input, queries included."""
+    cfg = dict(TEST_CONFIGS["small_r4"], num_blocks=4)
+    hf = random_hf_model(seed=6, dtype=torch.float64, attn_mask_probs=[1.0, 0.0, 1.0, 0.0], **cfg)
+    ours = EomtFastForUniversalSegmentation.from_hf(hf)
+    x = torch.randn(1, 3, 64, 64, dtype=torch.float64)
+    expected, got = hf(x, output_hidden_states=True), ours(x, output_hidden_states=True)
+    assert [h.shape for h in got.hidden_states] == [h.shape for h in expected.hidden_states]
+    for a, b in zip(got.hidden_states, expected.hidden_states):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
