@@ -192,11 +192,47 @@ def resize_uint8_in_float(image: torch.Tensor, height: int, width: int) -> torch
 
 
 class PreprocessedImages(NamedTuple):
-    """What ``preprocess`` returns: model inputs and what post-processing needs to undo them."""
+    """What ``preprocess`` returns: model inputs and what post-processing needs to undo them.
+
+    A tuple (``pixel_values, patch_offsets, target_sizes = ...``) that also reads like transformers'
+    BatchFeature: ``inputs["pixel_values"]``, ``model(**inputs)`` (its keys are the model's inputs,
+    pixel_values and patch_offsets) and ``inputs.to(device_or_dtype)``."""
 
     pixel_values: torch.Tensor  # (N, 3, h, w), N = number of images, or of windows with do_split_image
     patch_offsets: list[torch.Tensor] | None  # one [image index, start, end] per window, or None
     target_sizes: list[tuple[int, int]]  # (height, width) of each original image
+
+    def keys(self) -> tuple[str, ...]:
+        """The model's inputs, for ``model(**inputs)``; target_sizes is for post-processing."""
+        return ("pixel_values", "patch_offsets")
+
+    def __getitem__(self, key):  # type: ignore[override]
+        if isinstance(key, str):
+            if key not in self._fields:
+                raise KeyError(f"{key!r}: the fields are {', '.join(self._fields)}")
+            return getattr(self, key)
+        return tuple.__getitem__(self, key)
+
+    def to(self, *args: Any, **kwargs: Any) -> PreprocessedImages:
+        """As BatchFeature.to: pixel_values to a device and/or floating dtype (``.to("cuda")``,
+        ``.to(torch.bfloat16)``, ``.to(device=..., dtype=..., non_blocking=...)``); patch_offsets follow the
+        device. A new object: this one is left as it was."""
+        device, dtype = kwargs.pop("device", None), kwargs.pop("dtype", None)
+        non_blocking = bool(kwargs.pop("non_blocking", False))
+        if kwargs:
+            raise TypeError(f"to() got unexpected keyword arguments {sorted(kwargs)}")
+        for arg in args:
+            if isinstance(arg, torch.dtype):
+                dtype = arg
+            else:
+                device = torch.device(arg)
+        if dtype is not None and not dtype.is_floating_point:
+            raise TypeError(f"pixel_values can only be cast to a floating dtype, got {dtype}")
+        pixel_values = self.pixel_values.to(device=device, dtype=dtype, non_blocking=non_blocking)
+        offsets = self.patch_offsets
+        if offsets is not None and device is not None:
+            offsets = [o.to(device, non_blocking=non_blocking) for o in offsets]
+        return PreprocessedImages(pixel_values, offsets, self.target_sizes)
 
 
 @dataclass
@@ -323,7 +359,12 @@ class EomtFastImageProcessor:
             return cls.from_config(json.load(f), task or "panoptic", **kwargs)
 
     # ---- preprocessing ----
-    def __call__(self, images: Any, **kwargs: Any) -> PreprocessedImages:
+    def __call__(self, images: Any, return_tensors: str | None = None, **kwargs: Any) -> PreprocessedImages:
+        """``preprocess``; ``return_tensors`` is accepted as transformers' processors take it, and only "pt"
+        (or None): the results are always torch tensors."""
+        if return_tensors not in (None, "pt"):
+            raise ValueError(f"return_tensors must be 'pt' (or None): EomtFastImageProcessor returns torch "
+                             f"tensors, got {return_tensors!r}")
         return self.preprocess(images, **kwargs)
 
     @torch.no_grad()

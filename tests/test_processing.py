@@ -153,6 +153,50 @@ def test_preprocess_accepts_pil_numpy_and_tensors():
         unpadded(pics)
 
 
+@pytest.mark.parametrize("task", ["panoptic", "semantic"])
+def test_the_transformers_idiom_works(models, task):
+    """inputs = processor(images=..., return_tensors="pt"); model(**inputs); post-process: as with
+    transformers, and the same as the tuple path."""
+    _, ours, _ = models
+    proc = EomtFastImageProcessor(**TASK_PARAMS[task])
+    pics = photos(SIZES[:3], seed=2)
+    inputs = proc(images=pics, return_tensors="pt")
+    assert list(inputs.keys()) == ["pixel_values", "patch_offsets"]
+    assert inputs["pixel_values"] is inputs.pixel_values and inputs[2] is inputs.target_sizes
+    assert (inputs["patch_offsets"] is None) == (task == "panoptic")
+    got = ours(**inputs)
+    pixel_values, offsets, target_sizes = proc(pics)
+    expected = ours(pixel_values, patch_offsets=offsets)
+    assert torch.equal(got.masks_queries_logits, expected.masks_queries_logits)
+    post = getattr(proc, f"post_process_{task}_segmentation")
+    if task == "semantic":
+        for a, b in zip(post(got, inputs.target_sizes), post(expected, target_sizes)):
+            assert torch.equal(a, b)
+    else:
+        assert_same_segments(post(got, inputs.target_sizes, threshold=0.0), post(expected, target_sizes, threshold=0.0))
+    with pytest.raises(KeyError, match="'labels': the fields are pixel_values, patch_offsets, target_sizes"):
+        inputs["labels"]
+    with pytest.raises(ValueError, match="return_tensors must be 'pt'.*got 'np'"):
+        proc(pics, return_tensors="np")
+
+
+def test_preprocessed_images_to():
+    proc = EomtFastImageProcessor(**TASK_PARAMS["semantic"])
+    inputs = proc(photos([(64, 150)]))
+    before = inputs.pixel_values.clone()
+    half = inputs.to(torch.float16)
+    assert half.pixel_values.dtype == torch.float16 and inputs.pixel_values.dtype == torch.float32
+    assert torch.equal(inputs.pixel_values, before)  # the original is left alone
+    moved = inputs.to("cpu", dtype=torch.float64, non_blocking=True)
+    assert moved.pixel_values.dtype == torch.float64 and moved.pixel_values.device.type == "cpu"
+    assert [o.tolist() for o in moved.patch_offsets] == [o.tolist() for o in inputs.patch_offsets]
+    assert moved.target_sizes == inputs.target_sizes == [(64, 150)]
+    with pytest.raises(TypeError, match="floating dtype, got torch.int64"):
+        inputs.to(torch.int64)
+    with pytest.raises(TypeError, match="unexpected keyword arguments \\['memory_format'\\]"):
+        inputs.to("cpu", memory_format=torch.channels_last)
+
+
 def test_device_paths_on_the_cpu():
     """The code CUDA runs, checked here: uint8 resizing in float passes (no uint8 kernel there) stays
     within one level of Pillow; counting by scatter-add equals bincount."""
