@@ -14,6 +14,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -237,8 +238,17 @@ def default_model_dir() -> Path:
     return DEFAULT_MODEL_DIR
 
 
-def resolve_directory(path_or_hub_id: str | os.PathLike) -> Path:
-    """A local directory, or a Hub id fetched with huggingface_hub (needs the Hub to be reachable)."""
+HUB_OPTIONS = ("revision", "token", "cache_dir", "local_files_only")  # passed to huggingface_hub, as transformers
+
+
+def resolve_directory(path_or_hub_id: str | os.PathLike, weights: bool = True, **hub_options: Any) -> Path:
+    """A local directory, or a Hub id fetched with huggingface_hub (needs the Hub to be reachable, or
+    ``local_files_only=True`` and a cached copy). From the Hub come config.json, preprocessor_config.json
+    and, with ``weights``, one weight format: the safetensors files, or pytorch_model.bin only when the
+    repository has no safetensors. ``hub_options``: revision, token, cache_dir, local_files_only."""
+    unknown = sorted(set(hub_options) - set(HUB_OPTIONS))
+    if unknown:
+        raise TypeError(f"unexpected keyword arguments {unknown} (Hub options: {', '.join(HUB_OPTIONS)})")
     path = Path(os.fspath(path_or_hub_id)).expanduser()
     if path.is_dir():
         return path
@@ -254,18 +264,24 @@ def resolve_directory(path_or_hub_id: str | os.PathLike) -> Path:
             f"{name!r} is not a local directory, and loading Hub ids needs huggingface_hub: "
             "pip install 'eomt-fast[hf]'"
         ) from None
-    try:
-        local = huggingface_hub.snapshot_download(
-            repo_id=name,
-            allow_patterns=[CONFIG_NAME, PREPROCESSOR_CONFIG_NAME, "*.safetensors", SAFETENSORS_INDEX_NAME,
-                            PYTORCH_BIN_NAME],
-        )
-    except Exception as exc:  # offline, unknown repo, gated, ...: one clear message
-        raise OSError(
-            f"could not fetch {name!r} from the Hugging Face Hub ({type(exc).__name__}: {exc}). "
-            "If this machine has no network, download the model elsewhere and pass its directory."
-        ) from exc
-    return Path(local)
+    options = {k: v for k, v in hub_options.items() if v is not None}
+
+    def fetch(patterns: list[str]) -> Path:
+        try:
+            return Path(huggingface_hub.snapshot_download(repo_id=name, allow_patterns=patterns, **options))
+        except Exception as exc:  # offline, unknown repo, gated, ...: one clear message
+            raise OSError(
+                f"could not fetch {name!r} from the Hugging Face Hub ({type(exc).__name__}: {exc}). "
+                "If this machine has no network, download the model elsewhere and pass its directory."
+            ) from exc
+
+    metadata = [CONFIG_NAME, PREPROCESSOR_CONFIG_NAME]
+    if not weights:
+        return fetch(metadata)
+    local = fetch(metadata + [SAFETENSORS_INDEX_NAME, "*.safetensors"])
+    if not ((local / SAFETENSORS_NAME).is_file() or (local / SAFETENSORS_INDEX_NAME).is_file()):
+        local = fetch([PYTORCH_BIN_NAME])  # an older repository: its PyTorch weights, and only then
+    return local
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:

@@ -77,6 +77,15 @@ class EomtFastOutput:
 Ops = dict  # op name -> implementation, from dispatch.resolve
 
 
+def _alias(name: str, value: Any, alias: str, alias_value: Any) -> Any:
+    """An argument that transformers names otherwise: either spelling, not two different values."""
+    if alias_value is None:
+        return value
+    if value is not None and value != alias_value:
+        raise ValueError(f"{name}={value!r} and {alias}={alias_value!r} disagree; pass one of them")
+    return alias_value
+
+
 def _weight(*shape: int) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape), requires_grad=False)
 
@@ -231,12 +240,29 @@ class EomtFastForUniversalSegmentation(nn.Module):
         dtype: torch.dtype | str | None = None,
         backend: str = "auto",
         cuda_graphs: bool = False,
+        *,
+        revision: str | None = None,
+        token: str | bool | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        local_files_only: bool = False,
+        torch_dtype: torch.dtype | str | None = None,
+        device_map: torch.device | str | int | None = None,
     ) -> EomtFastForUniversalSegmentation:
         """Load a transformers EoMT checkpoint: a directory with config.json and model.safetensors (or a
         sharded index, or pytorch_model.bin), or a Hub id. dtype None keeps the stored dtype.
-        ``cuda_graphs``: run the forward as CUDA graphs captured per input shape (``enable_cuda_graphs``)."""
-        dtype = parse_dtype(dtype)
-        directory = checkpoint.resolve_directory(path_or_hub_id)
+        ``cuda_graphs``: run the forward as CUDA graphs captured per input shape (``enable_cuda_graphs``).
+        ``revision``, ``token``, ``cache_dir``, ``local_files_only``: for Hub ids, as in transformers.
+        transformers' names are accepted too: ``torch_dtype`` for ``dtype``, ``device_map`` for ``device``
+        (one device: the model is never split)."""
+        dtype = _alias("dtype", parse_dtype(dtype), "torch_dtype", parse_dtype(torch_dtype))
+        if isinstance(device_map, dict) or device_map in ("auto", "balanced", "balanced_low_0", "sequential"):
+            raise ValueError(f"device_map={device_map!r}: EomtFastForUniversalSegmentation runs on one device; "
+                             "pass device='cuda' (or device_map='cuda:0')")
+        if isinstance(device_map, int):  # transformers: a GPU index
+            device_map = torch.device("cuda", device_map)
+        device = _alias("device", device, "device_map", device_map)
+        directory = checkpoint.resolve_directory(path_or_hub_id, revision=revision, token=token, cache_dir=cache_dir,
+                                                 local_files_only=local_files_only)
         config = checkpoint.read_config(directory)
         state = checkpoint.read_state_dict(directory)
         return cls._from_state(config, state, device, dtype, backend, source=str(directory), cuda_graphs=cuda_graphs)

@@ -44,7 +44,6 @@ import os
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -345,13 +344,14 @@ class EomtFastImageProcessor:
     def from_pretrained(cls, path_or_hub_id: str | os.PathLike, task: str | None = None,
                         **kwargs: Any) -> EomtFastImageProcessor:
         """A model directory (or Hub id): its preprocessor_config.json when present, else ``from_config``
-        of its config.json for ``task`` (default panoptic)."""
-        from .checkpoint import resolve_directory
+        of its config.json for ``task`` (default panoptic). From the Hub only those two files are fetched
+        (``revision``, ``token``, ``cache_dir``, ``local_files_only`` among the keyword arguments go to
+        huggingface_hub; the others override settings)."""
+        from .checkpoint import HUB_OPTIONS, resolve_directory
 
-        directory = resolve_directory(path_or_hub_id)
+        hub_options = {k: kwargs.pop(k) for k in HUB_OPTIONS if k in kwargs}
+        directory = resolve_directory(path_or_hub_id, weights=False, **hub_options)
         path = directory / PREPROCESSOR_CONFIG_NAME
-        if not path.is_file() and not Path(os.fspath(path_or_hub_id)).expanduser().is_dir():
-            path = _hub_preprocessor_config(os.fspath(path_or_hub_id)) or path
         if path.is_file():
             with open(path, encoding="utf-8") as f:
                 return cls.from_dict(json.load(f), **kwargs)
@@ -693,13 +693,3 @@ def _mean_probability_inside(mask_logits: torch.Tensor) -> torch.Tensor:
     rows = mask_logits if mask_logits.shape[0] > 1 else mask_logits.expand(2, -1, -1)
     inside = (rows > 0).flatten(1).float()
     return ((rows.sigmoid().flatten(1) * inside).sum(1) / (inside.sum(1) + 1e-6))[: mask_logits.shape[0]]
-
-
-def _hub_preprocessor_config(hub_id: str) -> Path | None:
-    """preprocessor_config.json of a Hub model, if huggingface_hub can fetch it (None otherwise)."""
-    try:
-        import huggingface_hub
-
-        return Path(huggingface_hub.hf_hub_download(repo_id=hub_id, filename=PREPROCESSOR_CONFIG_NAME))
-    except Exception:  # not on the Hub, offline, no huggingface_hub: fall back to config.json
-        return None

@@ -221,3 +221,85 @@ def test_hub_id_without_huggingface_hub(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_hub)
     with pytest.raises(FileNotFoundError, match=r"eomt-fast\[hf\]"):
         EomtFastForUniversalSegmentation.from_pretrained("tue-mps/coco_panoptic_eomt_large_640")
+
+
+class FakeHub:
+    """huggingface_hub.snapshot_download over a local "repository" folder: copies the files matching
+    allow_patterns into one snapshot folder, as the real one fills its cache, and records each call."""
+
+    def __init__(self, repo, snapshot):
+        self.repo, self.snapshot, self.calls = repo, snapshot, []
+
+    def __call__(self, repo_id, allow_patterns, **options):
+        import fnmatch
+        import shutil
+
+        self.calls.append((repo_id, list(allow_patterns), options))
+        self.snapshot.mkdir(exist_ok=True)
+        for file in self.repo.iterdir():
+            if any(fnmatch.fnmatch(file.name, pattern) for pattern in allow_patterns):
+                shutil.copy(file, self.snapshot / file.name)
+        return str(self.snapshot)
+
+
+@pytest.fixture
+def hub(saved, tmp_path_factory, monkeypatch):
+    huggingface_hub = pytest.importorskip("huggingface_hub")
+    path, hf = saved
+    torch.save(hf.state_dict(), path / "pytorch_model.bin")  # a repository holding both formats
+    (path / "preprocessor_config.json").write_text(json.dumps({"do_split_image": True, "do_pad": False}))
+    fake = FakeHub(path, tmp_path_factory.mktemp("snapshot"))
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake)
+    return fake, hf
+
+
+def test_hub_fetches_one_weight_format_and_passes_the_options(hub):
+    fake, hf = hub
+    model = EomtFastForUniversalSegmentation.from_pretrained("org/eomt", revision="abc123", token="secret",
+                                                              cache_dir="/tmp/cache")
+    assert_same_model(model, EomtFastForUniversalSegmentation.from_hf(hf))
+    assert len(fake.calls) == 1
+    repo_id, patterns, options = fake.calls[0]
+    assert repo_id == "org/eomt" and "pytorch_model.bin" not in patterns
+    assert options == {"revision": "abc123", "token": "secret", "cache_dir": "/tmp/cache", "local_files_only": False}
+    assert not (fake.snapshot / "pytorch_model.bin").exists()  # the safetensors were enough
+
+
+def test_hub_falls_back_to_pytorch_weights_only_without_safetensors(hub):
+    fake, hf = hub
+    (fake.repo / "model.safetensors").unlink()
+    model = EomtFastForUniversalSegmentation.from_pretrained("org/eomt", local_files_only=True)
+    assert_same_model(model, EomtFastForUniversalSegmentation.from_hf(hf))
+    assert [patterns for _, patterns, _ in fake.calls][1] == ["pytorch_model.bin"]
+    assert all(options["local_files_only"] is True for _, _, options in fake.calls)
+
+
+def test_processor_from_the_hub_fetches_no_weights(hub):
+    from eomt_fast import EomtFastImageProcessor
+
+    fake, _ = hub
+    proc = EomtFastImageProcessor.from_pretrained("org/eomt", revision="v1", do_pad=True)
+    assert proc.do_split_image and proc.do_pad  # preprocessor_config.json, then the keyword override
+    (_, patterns, options), = fake.calls
+    assert patterns == ["config.json", "preprocessor_config.json"] and options["revision"] == "v1"
+    assert sorted(p.name for p in fake.snapshot.iterdir()) == ["config.json", "preprocessor_config.json"]
+
+
+def test_transformers_argument_names(saved):
+    path, _ = saved
+    model = EomtFastForUniversalSegmentation.from_pretrained(path, torch_dtype="bf16", device_map="cpu")
+    assert model.dtype == torch.bfloat16 and model.device.type == "cpu"
+    assert EomtFastForUniversalSegmentation.from_pretrained(path, dtype=torch.float32, torch_dtype="float32").dtype \
+        == torch.float32
+    with pytest.raises(ValueError, match="dtype=torch.float32 and torch_dtype=torch.bfloat16 disagree"):
+        EomtFastForUniversalSegmentation.from_pretrained(path, dtype=torch.float32, torch_dtype="bf16")
+    for device_map in ("auto", {"": 0}):
+        with pytest.raises(ValueError, match="runs on one device"):
+            EomtFastForUniversalSegmentation.from_pretrained(path, device_map=device_map)
+
+
+def test_unknown_hub_option():
+    from eomt_fast.checkpoint import resolve_directory
+
+    with pytest.raises(TypeError, match=r"unexpected keyword arguments \['proxies'\]"):
+        resolve_directory("org/eomt", proxies={})
