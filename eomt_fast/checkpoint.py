@@ -244,8 +244,8 @@ HUB_OPTIONS = ("revision", "token", "cache_dir", "local_files_only")  # passed t
 def resolve_directory(path_or_hub_id: str | os.PathLike, weights: bool = True, **hub_options: Any) -> Path:
     """A local directory, or a Hub id fetched with huggingface_hub (needs the Hub to be reachable, or
     ``local_files_only=True`` and a cached copy). From the Hub come config.json, preprocessor_config.json
-    and, with ``weights``, one weight format: the safetensors files, or pytorch_model.bin only when the
-    repository has no safetensors. ``hub_options``: revision, token, cache_dir, local_files_only."""
+    and, with ``weights``, one weight format: model.safetensors or its shards, or pytorch_model.bin only
+    when the repository has neither. ``hub_options``: revision, token, cache_dir, local_files_only."""
     unknown = sorted(set(hub_options) - set(HUB_OPTIONS))
     if unknown:
         raise TypeError(f"unexpected keyword arguments {unknown} (Hub options: {', '.join(HUB_OPTIONS)})")
@@ -266,9 +266,10 @@ def resolve_directory(path_or_hub_id: str | os.PathLike, weights: bool = True, *
         ) from None
     options = {k: v for k, v in hub_options.items() if v is not None}
 
-    def fetch(patterns: list[str]) -> Path:
+    def fetch(patterns: list[str], **pinned: Any) -> Path:
         try:
-            return Path(huggingface_hub.snapshot_download(repo_id=name, allow_patterns=patterns, **options))
+            return Path(huggingface_hub.snapshot_download(repo_id=name, allow_patterns=patterns,
+                                                          **{**options, **pinned}))
         except Exception as exc:  # offline, unknown repo, gated, ...: one clear message
             raise OSError(
                 f"could not fetch {name!r} from the Hugging Face Hub ({type(exc).__name__}: {exc}). "
@@ -278,9 +279,11 @@ def resolve_directory(path_or_hub_id: str | os.PathLike, weights: bool = True, *
     metadata = [CONFIG_NAME, PREPROCESSOR_CONFIG_NAME]
     if not weights:
         return fetch(metadata)
-    local = fetch(metadata + [SAFETENSORS_INDEX_NAME, "*.safetensors"])
+    # the top-level weights only: not variants (model.fp16.safetensors) nor subfolders (onnx/...)
+    local = fetch(metadata + [SAFETENSORS_NAME, SAFETENSORS_INDEX_NAME, "model-*-of-*.safetensors"])
     if not ((local / SAFETENSORS_NAME).is_file() or (local / SAFETENSORS_INDEX_NAME).is_file()):
-        local = fetch([PYTORCH_BIN_NAME])  # an older repository: its PyTorch weights, and only then
+        # an older repository: its PyTorch weights, and only then, from the same commit (the snapshot's name)
+        local = fetch([PYTORCH_BIN_NAME], revision=local.name)
     return local
 
 

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -64,26 +66,77 @@ class EomtFastOutput:
 
     def __getitem__(self, key: str | int) -> Any:
         if isinstance(key, str):
+            if key not in self.keys():
+                raise KeyError(key)
             return getattr(self, key)
         return self.to_tuple()[key]
 
     def keys(self) -> list[str]:
-        return [f.name for f in fields(self) if getattr(self, f.name) is not None]
+        """The fields that are not None, in transformers' order: hidden_states and attentions come last, after
+        patch_offsets, as transformers adds them to its output once the forward has returned it."""
+        order = [f.name for f in fields(self) if f.name not in _RECORDED] + list(_RECORDED)
+        return [name for name in order if getattr(self, name) is not None]
 
     def to_tuple(self) -> tuple[Any, ...]:
         return tuple(getattr(self, k) for k in self.keys())
+
+    # the rest of transformers' ModelOutput (an OrderedDict): iteration gives the keys
+    def __iter__(self):
+        return iter(self.keys())
+
+    def __len__(self) -> int:
+        return len(self.keys())
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.keys()
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return getattr(self, key) if key in self.keys() else default
+
+    def items(self) -> list[tuple[str, Any]]:
+        return [(k, getattr(self, k)) for k in self.keys()]
+
+    def values(self) -> list[Any]:
+        return list(self.to_tuple())
+
+
+_RECORDED = ("hidden_states", "attentions")  # the outputs filled on request
 
 
 Ops = dict  # op name -> implementation, from dispatch.resolve
 
 
-def _alias(name: str, value: Any, alias: str, alias_value: Any) -> Any:
+def _alias(name: str, value: Any, alias: str, alias_value: Any, same: Callable[[Any, Any], bool] = operator.eq) -> Any:
     """An argument that transformers names otherwise: either spelling, not two different values."""
     if alias_value is None:
         return value
-    if value is not None and value != alias_value:
+    if value is not None and not same(value, alias_value):
         raise ValueError(f"{name}={value!r} and {alias}={alias_value!r} disagree; pass one of them")
     return alias_value
+
+
+def _same_device(a: Any, b: Any) -> bool:
+    """"cuda" and "cuda:0" (or 0) name the same device here: an index left out matches any."""
+    a, b = torch.device(a), torch.device(b)
+    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
+
+
+def _single_device(device_map: Any) -> torch.device | None:
+    """transformers' device_map when it names one device: "cuda", "cuda:1", 0, torch.device, {"": device}."""
+    if device_map is None:
+        return None
+    if isinstance(device_map, dict) and set(device_map) == {""}:
+        device_map = device_map[""]
+    if isinstance(device_map, bool) or not isinstance(device_map, (str, int, torch.device)) \
+            or device_map in ("auto", "balanced", "balanced_low_0", "sequential"):
+        raise ValueError(f"device_map={device_map!r}: EomtFastForUniversalSegmentation runs on one device; "
+                         "pass device='cuda' (or device_map='cuda:0')")
+    if isinstance(device_map, int):  # transformers: a GPU index
+        return torch.device("cuda", device_map)
+    try:
+        return torch.device(device_map)
+    except RuntimeError as exc:
+        raise ValueError(f"device_map={device_map!r} is not a device ({exc})") from None
 
 
 def _weight(*shape: int) -> nn.Parameter:
@@ -96,12 +149,13 @@ class Recording:
 
     hidden_states: list[torch.Tensor] | None = None
     attentions: list[torch.Tensor] | None = None
+    tie_last: bool = True  # hidden_states[-1] is last_hidden_state (else the last layer's own output)
 
     @classmethod
-    def requested(cls, hidden_states: bool, attentions: bool) -> Recording | None:
+    def requested(cls, hidden_states: bool, attentions: bool, tie_last: bool = True) -> Recording | None:
         if not (hidden_states or attentions):
             return None
-        return cls([] if hidden_states else None, [] if attentions else None)
+        return cls([] if hidden_states else None, [] if attentions else None, tie_last)
 
     def fill(self, out: EomtFastOutput) -> EomtFastOutput:
         return dataclasses.replace(
@@ -252,15 +306,11 @@ class EomtFastForUniversalSegmentation(nn.Module):
         sharded index, or pytorch_model.bin), or a Hub id. dtype None keeps the stored dtype.
         ``cuda_graphs``: run the forward as CUDA graphs captured per input shape (``enable_cuda_graphs``).
         ``revision``, ``token``, ``cache_dir``, ``local_files_only``: for Hub ids, as in transformers.
-        transformers' names are accepted too: ``torch_dtype`` for ``dtype``, ``device_map`` for ``device``
-        (one device: the model is never split)."""
+        transformers' names are accepted too: ``torch_dtype`` for ``dtype`` ("auto": the stored dtype, as
+        None), ``device_map`` for ``device`` (one device: the model is never split)."""
+        dtype, torch_dtype = (None if d == "auto" else d for d in (dtype, torch_dtype))  # "auto": the stored dtype
         dtype = _alias("dtype", parse_dtype(dtype), "torch_dtype", parse_dtype(torch_dtype))
-        if isinstance(device_map, dict) or device_map in ("auto", "balanced", "balanced_low_0", "sequential"):
-            raise ValueError(f"device_map={device_map!r}: EomtFastForUniversalSegmentation runs on one device; "
-                             "pass device='cuda' (or device_map='cuda:0')")
-        if isinstance(device_map, int):  # transformers: a GPU index
-            device_map = torch.device("cuda", device_map)
-        device = _alias("device", device, "device_map", device_map)
+        device = _alias("device", device, "device_map", _single_device(device_map), same=_same_device)
         directory = checkpoint.resolve_directory(path_or_hub_id, revision=revision, token=token, cache_dir=cache_dir,
                                                  local_files_only=local_files_only)
         config = checkpoint.read_config(directory)
@@ -331,6 +381,10 @@ class EomtFastForUniversalSegmentation(nn.Module):
         tests and debugging)."""
         from .cuda_graphs import CudaGraphs
 
+        recorded = [f"{name}=True" for name in ("output_hidden_states", "output_attentions") if self._flag(name, None, False)]
+        if recorded:  # every plain call would then run uncaptured
+            raise ValueError(f"the model's config sets {' and '.join(recorded)}, which CUDA graphs do not capture; "
+                             "set them to False in model.config.extra (ask per call instead)")
         self._cuda_graphs = CudaGraphs(self, clone_outputs=clone_outputs, capture=capture)
 
     def disable_cuda_graphs(self) -> None:
@@ -467,8 +521,9 @@ class EomtFastForUniversalSegmentation(nn.Module):
             return out
         lengths = self._sequence_lengths()  # what a batch of images would give, with batch 0
         if recording.hidden_states is not None:  # layer 0's input, the outputs of layers 0..L-2, last_hidden_state
-            recording.hidden_states.extend(torch.empty(0, n, cfg.hidden_size, **kw) for n in lengths[:1] + lengths[:-1])
-            recording.hidden_states.append(out.last_hidden_state)
+            recording.hidden_states.extend(torch.empty(0, n, cfg.hidden_size, **kw) for n in lengths[:1] + lengths)
+            if recording.tie_last:
+                recording.hidden_states[-1] = out.last_hidden_state
         if recording.attentions is not None:
             recording.attentions.extend(torch.empty(0, cfg.num_attention_heads, n, n, **kw) for n in lengths)
         return recording.fill(out)
@@ -505,6 +560,7 @@ class EomtFastForUniversalSegmentation(nn.Module):
         recording = Recording.requested(
             self._flag("output_hidden_states", output_hidden_states, False),
             self._flag("output_attentions", output_attentions, False),
+            self._flag("tie_last_hidden_states", None, True),  # transformers 5.24 reads it from config.json, 5.17 not
         )
         as_dict = self._flag("return_dict", return_dict, True)
         if recording is None and not torch.compiler.is_compiling() and self._cuda_graphs is not None:
@@ -571,13 +627,13 @@ class EomtFastForUniversalSegmentation(nn.Module):
                     keep_all = torch.rand(batch, queries, device=x.device, generator=generator) > probs[block]
                     mask = mask | keep_all[:, :, None]
             layer(x, mask if block >= 0 else None, patch_start, ops, attentions)  # updates the buffer in place
-            if hidden_states is not None and index < cfg.num_hidden_layers - 1:
+            if hidden_states is not None and (index < cfg.num_hidden_layers - 1 or not recording.tie_last):
                 hidden_states.append(x.clone())  # the last layer's output is replaced by last_hidden_state
         if cfg.num_blocks == 0:  # queries enter after the last layer (transformers cannot run this config)
             tokens[:, :queries].copy_(self.query)
 
         x = self._layernorm(tokens)
-        if hidden_states is not None:
+        if hidden_states is not None and recording.tie_last:
             hidden_states.append(x)  # transformers: hidden_states[-1] is last_hidden_state
         query_tokens, patches = self._split_tokens(x)
         class_logits = torch.nn.functional.linear(query_tokens, self.class_weight, self.class_bias)

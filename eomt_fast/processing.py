@@ -195,7 +195,9 @@ class PreprocessedImages(NamedTuple):
 
     A tuple (``pixel_values, patch_offsets, target_sizes = ...``) that also reads like transformers'
     BatchFeature: ``inputs["pixel_values"]``, ``model(**inputs)`` (its keys are the model's inputs,
-    pixel_values and patch_offsets) and ``inputs.to(device_or_dtype)``."""
+    pixel_values and patch_offsets), ``in``, ``get``, ``items``, ``values`` and ``inputs = inputs.to(...)``.
+    Being a tuple, iterating it and ``len`` give its three fields, and ``to`` returns a new object (a
+    BatchFeature changes itself): assign the result."""
 
     pixel_values: torch.Tensor  # (N, 3, h, w), N = number of images, or of windows with do_split_image
     patch_offsets: list[torch.Tensor] | None  # one [image index, start, end] per window, or None
@@ -204,6 +206,18 @@ class PreprocessedImages(NamedTuple):
     def keys(self) -> tuple[str, ...]:
         """The model's inputs, for ``model(**inputs)``; target_sizes is for post-processing."""
         return ("pixel_values", "patch_offsets")
+
+    def __contains__(self, key: object) -> bool:  # type: ignore[override]
+        return key in self.keys() if isinstance(key, str) else tuple.__contains__(self, key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return getattr(self, key) if key in self.keys() else default
+
+    def items(self) -> list[tuple[str, Any]]:
+        return [(k, getattr(self, k)) for k in self.keys()]
+
+    def values(self) -> list[Any]:
+        return [getattr(self, k) for k in self.keys()]
 
     def __getitem__(self, key):  # type: ignore[override]
         if isinstance(key, str):
@@ -359,21 +373,20 @@ class EomtFastImageProcessor:
             return cls.from_config(json.load(f), task or "panoptic", **kwargs)
 
     # ---- preprocessing ----
-    def __call__(self, images: Any, return_tensors: str | None = None, **kwargs: Any) -> PreprocessedImages:
-        """``preprocess``; ``return_tensors`` is accepted as transformers' processors take it, and only "pt"
-        (or None): the results are always torch tensors."""
-        if return_tensors not in (None, "pt"):
-            raise ValueError(f"return_tensors must be 'pt' (or None): EomtFastImageProcessor returns torch "
-                             f"tensors, got {return_tensors!r}")
+    def __call__(self, images: Any, **kwargs: Any) -> PreprocessedImages:
         return self.preprocess(images, **kwargs)
 
     @torch.no_grad()
     def preprocess(self, images: Any, device: torch.device | str | None = None,
-                   dtype: torch.dtype = torch.float32) -> PreprocessedImages:
+                   dtype: torch.dtype = torch.float32, return_tensors: str | None = None) -> PreprocessedImages:
         """images: one image or a list of images of any sizes (PIL images, HWC uint8 numpy arrays, CHW
         uint8 or float tensors; float values on the 0-255 scale, as transformers rescales them too), or a
         (B, 3, H, W) tensor. Returns ``(pixel_values, patch_offsets, target_sizes)`` on ``device``
-        (default: the processor's device)."""
+        (default: the processor's device). ``return_tensors`` is taken as transformers' processors take it,
+        "pt" or None only: the results are always torch tensors."""
+        if return_tensors not in (None, "pt"):
+            raise ValueError(f"return_tensors must be 'pt' (or None): EomtFastImageProcessor returns torch "
+                             f"tensors, got {return_tensors!r}")
         device = torch.device(device) if device is not None else self.device
         tensors = [_image_to_tensor(image, device) for image in _as_image_list(images)]
         target_sizes = [(int(t.shape[1]), int(t.shape[2])) for t in tensors]

@@ -246,7 +246,8 @@ class FakeHub:
 def hub(saved, tmp_path_factory, monkeypatch):
     huggingface_hub = pytest.importorskip("huggingface_hub")
     path, hf = saved
-    torch.save(hf.state_dict(), path / "pytorch_model.bin")  # a repository holding both formats
+    torch.save(hf.state_dict(), path / "pytorch_model.bin")  # a repository holding both formats,
+    (path / "model.fp16.safetensors").write_bytes(b"not fetched")  # a variant nobody asked for
     (path / "preprocessor_config.json").write_text(json.dumps({"do_split_image": True, "do_pad": False}))
     fake = FakeHub(path, tmp_path_factory.mktemp("snapshot"))
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake)
@@ -263,6 +264,29 @@ def test_hub_fetches_one_weight_format_and_passes_the_options(hub):
     assert repo_id == "org/eomt" and "pytorch_model.bin" not in patterns
     assert options == {"revision": "abc123", "token": "secret", "cache_dir": "/tmp/cache", "local_files_only": False}
     assert not (fake.snapshot / "pytorch_model.bin").exists()  # the safetensors were enough
+    assert not (fake.snapshot / "model.fp16.safetensors").exists()
+
+
+def test_hub_sharded_safetensors(hub):
+    fake, hf = hub
+    (fake.repo / "model.safetensors").unlink()
+    hf.save_pretrained(fake.repo, max_shard_size="100KB")
+    assert (fake.repo / "model.safetensors.index.json").is_file()
+    (fake.repo / "model.safetensors").unlink(missing_ok=True)
+    model = EomtFastForUniversalSegmentation.from_pretrained("org/eomt")
+    assert_same_model(model, EomtFastForUniversalSegmentation.from_hf(hf))
+    assert len(fake.calls) == 1 and len(list(fake.snapshot.glob("model-*-of-*.safetensors"))) > 1
+
+
+def test_hub_errors_are_one_clear_message(hub, monkeypatch):
+    import huggingface_hub
+
+    def offline(**kwargs):
+        raise ConnectionError("no route to host")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(OSError, match="could not fetch 'org/eomt' from the Hugging Face Hub .ConnectionError: no route"):
+        EomtFastForUniversalSegmentation.from_pretrained("org/eomt")
 
 
 def test_hub_falls_back_to_pytorch_weights_only_without_safetensors(hub):
@@ -272,6 +296,7 @@ def test_hub_falls_back_to_pytorch_weights_only_without_safetensors(hub):
     assert_same_model(model, EomtFastForUniversalSegmentation.from_hf(hf))
     assert [patterns for _, patterns, _ in fake.calls][1] == ["pytorch_model.bin"]
     assert all(options["local_files_only"] is True for _, _, options in fake.calls)
+    assert fake.calls[1][2]["revision"] == fake.snapshot.name  # the same commit as the first fetch
 
 
 def test_processor_from_the_hub_fetches_no_weights(hub):
@@ -287,15 +312,30 @@ def test_processor_from_the_hub_fetches_no_weights(hub):
 
 def test_transformers_argument_names(saved):
     path, _ = saved
-    model = EomtFastForUniversalSegmentation.from_pretrained(path, torch_dtype="bf16", device_map="cpu")
+    load = EomtFastForUniversalSegmentation.from_pretrained
+    model = load(path, torch_dtype="bf16", device_map="cpu")
     assert model.dtype == torch.bfloat16 and model.device.type == "cpu"
-    assert EomtFastForUniversalSegmentation.from_pretrained(path, dtype=torch.float32, torch_dtype="float32").dtype \
-        == torch.float32
+    assert load(path, dtype=torch.float32, torch_dtype="float32").dtype == torch.float32
+    assert load(path, torch_dtype="auto").dtype == load(path, dtype="auto").dtype == torch.float64  # stored dtype
+    for device, device_map in (("cpu", torch.device("cpu")), (torch.device("cpu"), "cpu"), (None, {"": "cpu"})):
+        assert load(path, device=device, device_map=device_map).device.type == "cpu"
     with pytest.raises(ValueError, match="dtype=torch.float32 and torch_dtype=torch.bfloat16 disagree"):
-        EomtFastForUniversalSegmentation.from_pretrained(path, dtype=torch.float32, torch_dtype="bf16")
-    for device_map in ("auto", {"": 0}):
+        load(path, dtype=torch.float32, torch_dtype="bf16")
+    with pytest.raises(ValueError, match="device='cpu' and device_map=device.type='meta'. disagree"):
+        load(path, device="cpu", device_map="meta")
+    for device_map in ("auto", "balanced", {"": 0, "layers.1": 1}, True, 1.5):
         with pytest.raises(ValueError, match="runs on one device"):
-            EomtFastForUniversalSegmentation.from_pretrained(path, device_map=device_map)
+            load(path, device_map=device_map)
+    with pytest.raises(ValueError, match="device_map='gpu' is not a device"):
+        load(path, device_map="gpu")
+
+
+def test_same_device_spellings():
+    from eomt_fast.model import _same_device, _single_device
+
+    assert _single_device(0) == torch.device("cuda", 0) and _single_device({"": 1}) == torch.device("cuda", 1)
+    assert _same_device("cuda:0", _single_device(0)) and _same_device("cuda", "cuda:1")
+    assert not _same_device("cuda:0", "cuda:1") and not _same_device("cpu", "cuda")
 
 
 def test_unknown_hub_option():

@@ -200,3 +200,19 @@ def test_hidden_states_or_attentions_run_the_forward_uncaptured():
     model(x)
     assert capture.captures == 1  # a plain call still goes through the graphs
     model.disable_cuda_graphs()
+
+
+def test_config_level_hidden_states_are_an_error_with_graphs():
+    """config.json asking for hidden states would make every call run uncaptured: refused, not silent."""
+    model = small_model()
+    model.config.extra["output_hidden_states"] = True
+    try:
+        with pytest.raises(ValueError, match="config sets output_hidden_states=True, which CUDA graphs do not capture"):
+            model.enable_cuda_graphs(capture=capture_eagerly)
+        assert model.cuda_graphs is None
+        model.config.extra["output_hidden_states"] = False
+        model.enable_cuda_graphs(capture=capture_eagerly)
+        assert model(pixels(1, 1)).hidden_states is None
+    finally:
+        model.config.extra.pop("output_hidden_states")
+        model.disable_cuda_graphs()

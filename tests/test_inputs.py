@@ -62,6 +62,10 @@ def test_output_behaves_like_a_model_output(model):
     assert out["masks_queries_logits"] is out.masks_queries_logits
     assert out.keys() == ["class_queries_logits", "masks_queries_logits", "last_hidden_state"]
     assert out[0] is out.class_queries_logits and out.loss is None
+    assert list(out) == out.keys() and len(out) == 3 and "loss" not in out and out.get("loss", 7) == 7
+    assert dict(out.items()) == dict(zip(out.keys(), out.values())) and dict(**out).keys() == set(out.keys())
+    with pytest.raises(KeyError):
+        out["hidden_states"]  # None, so not a key (as in transformers)
 
 
 def test_unknown_backend(model):

@@ -164,3 +164,75 @@ def test_hidden_states_start_with_the_queries_when_every_layer_has_them():
     assert [h.shape for h in got.hidden_states] == [h.shape for h in expected.hidden_states]
     for a, b in zip(got.hidden_states, expected.hidden_states):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_tuple_and_mapping_order_match_transformers():
+    """return_dict=False and iteration: transformers appends hidden_states and attentions after patch_offsets."""
+    hf = random_hf_model(seed=12, dtype=torch.float64, attn_mask_probs=[1.0, 0.0], attn_implementation="eager",
+                         **TEST_CONFIGS["small_r4"])
+    ours = EomtFastForUniversalSegmentation.from_hf(hf)
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    offsets = [torch.tensor([0, 0, 64]), torch.tensor([1, 0, 64])]
+    for kwargs in ({}, {"output_hidden_states": True}, {"output_attentions": True},
+                   {"output_hidden_states": True, "output_attentions": True}):
+        expected = hf(x, patch_offsets=offsets, **kwargs)
+        got = ours(x, patch_offsets=offsets, **kwargs)
+        assert list(got) == list(expected) == got.keys(), kwargs
+        assert len(got) == len(expected) and ("hidden_states" in got) == ("hidden_states" in expected)
+        assert got.get("loss") is None and [k for k, _ in got.items()] == list(expected.keys())
+        theirs, mine = hf(x, patch_offsets=offsets, return_dict=False, **kwargs), \
+            ours(x, patch_offsets=offsets, return_dict=False, **kwargs)
+        assert [type(v) for v in mine] == [type(v) for v in theirs], kwargs
+        assert mine[3] is offsets and theirs[3] is offsets  # patch_offsets before the recorded outputs
+        for a, b in zip(got.values(), expected.values()):
+            if isinstance(a, torch.Tensor):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)  # eager: a float32 softmax
+
+
+def test_untied_last_hidden_state_is_the_last_layers_output():
+    """config.json "tie_last_hidden_states": false (read by transformers 5.24): hidden_states[-1] is the last
+    layer's own output, before the final LayerNorm. Oracle: that output, hooked from transformers' last layer."""
+    cfg = dict(TEST_CONFIGS["small_r4"], tie_last_hidden_states=False)
+    hf = random_hf_model(seed=13, dtype=torch.float64, attn_mask_probs=[1.0, 1.0], **cfg)
+    ours = EomtFastForUniversalSegmentation.from_hf(hf)
+    assert ours.config.extra["tie_last_hidden_states"] is False
+    captured = []
+    hf.layers[-1].register_forward_hook(lambda module, args, output: captured.append(output))
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    expected = hf(x, output_hidden_states=True)
+    got = ours(x, output_hidden_states=True)
+    assert len(got.hidden_states) == len(expected.hidden_states)
+    raw = captured[-1][0] if isinstance(captured[-1], tuple) else captured[-1]
+    torch.testing.assert_close(got.hidden_states[-1], raw, rtol=1e-9, atol=1e-12)
+    assert not torch.allclose(got.hidden_states[-1], got.last_hidden_state)
+    for a, b in zip(got.hidden_states[:-1], expected.hidden_states[:-1]):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    empty = ours(x[:0], output_hidden_states=True)
+    assert [h.shape[1:] for h in empty.hidden_states] == [h.shape[1:] for h in got.hidden_states]
+
+
+def test_flags_from_a_saved_config_json(tmp_path):
+    hf = random_hf_model(seed=14, dtype=torch.float32, **TEST_CONFIGS["hf_tiny"])
+    hf.config.output_hidden_states = True
+    hf.save_pretrained(tmp_path)
+    ours = EomtFastForUniversalSegmentation.from_pretrained(tmp_path)
+    x = torch.randn(1, 3, hf.config.image_size, hf.config.image_size)
+    got, expected = ours(x), hf(x)
+    assert expected.hidden_states is not None and len(got.hidden_states) == len(expected.hidden_states)
+    assert ours(x, output_hidden_states=False).hidden_states is None
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_low_precision_attentions_within_twice_transformers_error(dtype):
+    hf64 = random_hf_model(seed=15, dtype=torch.float64, attn_mask_probs=[1.0, 0.0], attn_implementation="eager",
+                           **TEST_CONFIGS["small_r4"])
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    truth = EomtFastForUniversalSegmentation.from_hf(hf64)(x, output_attentions=True).attentions  # float64 softmax
+    hf_low = random_hf_model(seed=15, dtype=dtype, attn_mask_probs=[1.0, 0.0], attn_implementation="eager",
+                             **TEST_CONFIGS["small_r4"])
+    theirs = hf_low(x.to(dtype), output_attentions=True).attentions
+    got = EomtFastForUniversalSegmentation.from_hf(hf_low)(x.to(dtype), output_attentions=True).attentions
+    for index, (ref, a, b) in enumerate(zip(truth, got, theirs)):
+        assert a.dtype == dtype
+        our_err, their_err = (a.double() - ref).abs().mean().item(), (b.double() - ref).abs().mean().item()
+        assert our_err <= 2 * their_err + 1e-6, f"attentions[{index}]: ours {our_err:.3g} vs transformers {their_err:.3g}"

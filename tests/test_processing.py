@@ -174,10 +174,14 @@ def test_the_transformers_idiom_works(models, task):
             assert torch.equal(a, b)
     else:
         assert_same_segments(post(got, inputs.target_sizes, threshold=0.0), post(expected, target_sizes, threshold=0.0))
+    assert "pixel_values" in inputs and "labels" not in inputs and inputs.get("labels") is None
+    assert [k for k, _ in inputs.items()] == list(inputs.keys()) and inputs.values()[0] is inputs.pixel_values
+    assert inputs.pixel_values in inputs  # still a tuple for its values
     with pytest.raises(KeyError, match="'labels': the fields are pixel_values, patch_offsets, target_sizes"):
         inputs["labels"]
     with pytest.raises(ValueError, match="return_tensors must be 'pt'.*got 'np'"):
         proc(pics, return_tensors="np")
+    assert torch.equal(proc.preprocess(pics, return_tensors="pt").pixel_values, pixel_values)
 
 
 def test_preprocessed_images_to():
