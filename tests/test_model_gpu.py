@@ -174,6 +174,27 @@ def test_matches_transformers_gpu(preset, dtype, masking):
 
 
 @pytest.mark.gpu
+def test_hidden_states_and_attentions_gpu():
+    """output_hidden_states / output_attentions on the kernels (EoMT-S, bf16, masking on): every entry within
+    twice transformers' own bf16 error of its fp32 run (attentions: eager attention, the one returning them)."""
+    hf32, hf_low, ours = build("eomt-s-640", torch.bfloat16, True)
+    for model in (hf32, hf_low):
+        model.set_attn_implementation("eager")
+    x = pixel_values("eomt-s-640")
+    with torch.no_grad():
+        truth = hf32(x, output_hidden_states=True, output_attentions=True)
+        theirs = hf_low(x.bfloat16(), output_hidden_states=True, output_attentions=True)
+    got = ours(x.bfloat16(), output_hidden_states=True, output_attentions=True)
+    for field in ("hidden_states", "attentions"):
+        assert len(getattr(got, field)) == len(getattr(truth, field)), field
+        for index, (a, b, ref) in enumerate(zip(getattr(got, field), getattr(theirs, field), getattr(truth, field))):
+            assert a.shape == ref.shape and a.dtype == b.dtype, (field, index)
+            our_err, their_err = mean_error(a, ref), mean_error(b, ref)
+            floor = 1e-3 * ref.double().abs().mean().item()
+            assert our_err <= 2 * their_err + floor, f"{field}[{index}]: {our_err:.3g} > 2 x {their_err:.3g} + {floor:.2g}"
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("masking", [False, True], ids=["unmasked", "masked"])
 @pytest.mark.parametrize("preset", ["eomt-s-640", "eomt-l-640"])
 def test_cuda_graph_replay_equals_eager_gpu(preset, masking):
