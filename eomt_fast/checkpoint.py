@@ -244,8 +244,8 @@ HUB_OPTIONS = ("revision", "token", "cache_dir", "local_files_only")  # passed t
 def resolve_directory(path_or_hub_id: str | os.PathLike, weights: bool = True, **hub_options: Any) -> Path:
     """A local directory, or a Hub id fetched with huggingface_hub (needs the Hub to be reachable, or
     ``local_files_only=True`` and a cached copy). From the Hub come config.json, preprocessor_config.json
-    and, with ``weights``, one weight format: model.safetensors or its shards, or pytorch_model.bin only
-    when the repository has neither. ``hub_options``: revision, token, cache_dir, local_files_only."""
+    and, with ``weights``, one weight format: model.safetensors, or the shards its index names, or
+    pytorch_model.bin only when the repository has neither. ``hub_options``: revision, token, cache_dir, local_files_only."""
     unknown = sorted(set(hub_options) - set(HUB_OPTIONS))
     if unknown:
         raise TypeError(f"unexpected keyword arguments {unknown} (Hub options: {', '.join(HUB_OPTIONS)})")
@@ -279,12 +279,19 @@ def resolve_directory(path_or_hub_id: str | os.PathLike, weights: bool = True, *
     metadata = [CONFIG_NAME, PREPROCESSOR_CONFIG_NAME]
     if not weights:
         return fetch(metadata)
-    # the top-level weights only: not variants (model.fp16.safetensors) nor subfolders (onnx/...)
-    local = fetch(metadata + [SAFETENSORS_NAME, SAFETENSORS_INDEX_NAME, "model-*-of-*.safetensors"])
-    if not ((local / SAFETENSORS_NAME).is_file() or (local / SAFETENSORS_INDEX_NAME).is_file()):
-        # an older repository: its PyTorch weights, and only then, from the same commit (the snapshot's name)
-        local = fetch([PYTORCH_BIN_NAME], revision=local.name)
-    return local
+    # the top-level weights only, never variants (model.fp16.safetensors) or subfolders (onnx/...); later
+    # fetches are pinned to the commit of the first (the snapshot folder's name) should the branch move
+    local = fetch(metadata + [SAFETENSORS_NAME, SAFETENSORS_INDEX_NAME])
+    if (local / SAFETENSORS_NAME).is_file():
+        return local
+    index = local / SAFETENSORS_INDEX_NAME
+    if index.is_file():  # sharded: exactly the shards its weight_map names
+        try:
+            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+            raise CheckpointError(f"{index}: not a safetensors index with a weight_map ({exc})") from None
+        return fetch(shards, revision=local.name)
+    return fetch([PYTORCH_BIN_NAME], revision=local.name)  # an older repository: its PyTorch weights
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:

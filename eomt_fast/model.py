@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import operator
 import os
-from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -106,37 +104,50 @@ _RECORDED = ("hidden_states", "attentions")  # the outputs filled on request
 Ops = dict  # op name -> implementation, from dispatch.resolve
 
 
-def _alias(name: str, value: Any, alias: str, alias_value: Any, same: Callable[[Any, Any], bool] = operator.eq) -> Any:
+def _alias(name: str, value: Any, alias: str, alias_value: Any) -> Any:
     """An argument that transformers names otherwise: either spelling, not two different values."""
     if alias_value is None:
         return value
-    if value is not None and not same(value, alias_value):
+    if value is not None and value != alias_value:
         raise ValueError(f"{name}={value!r} and {alias}={alias_value!r} disagree; pass one of them")
     return alias_value
 
 
-def _same_device(a: Any, b: Any) -> bool:
-    """"cuda" and "cuda:0" (or 0) name the same device here: an index left out matches any."""
-    a, b = torch.device(a), torch.device(b)
-    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
+def _as_device(value: Any, name: str) -> torch.device:
+    """A device argument: a torch.device, a name ("cuda:1"), or a GPU index as transformers takes it."""
+    if isinstance(value, torch.device):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 0:
+            raise ValueError(f"{name}={value!r}: a GPU index must be >= 0")
+        return torch.device("cuda", value)
+    if not isinstance(value, str):
+        raise ValueError(f"{name}={value!r} is not a device")
+    try:
+        return torch.device(value)
+    except RuntimeError as exc:
+        raise ValueError(f"{name}={value!r} is not a device ({exc})") from None
 
 
-def _single_device(device_map: Any) -> torch.device | None:
-    """transformers' device_map when it names one device: "cuda", "cuda:1", 0, torch.device, {"": device}."""
+def _load_device(device: Any, device_map: Any) -> Any:
+    """``device``, or transformers' ``device_map`` when it names one device ("cuda", "cuda:1", 0, a
+    torch.device, {"": device}). Both given: they must agree, "cuda" agreeing with any "cuda:N" (the
+    spelling with the index wins)."""
     if device_map is None:
-        return None
+        return device
+    given = device_map
     if isinstance(device_map, dict) and set(device_map) == {""}:
         device_map = device_map[""]
-    if isinstance(device_map, bool) or not isinstance(device_map, (str, int, torch.device)) \
-            or device_map in ("auto", "balanced", "balanced_low_0", "sequential"):
-        raise ValueError(f"device_map={device_map!r}: EomtFastForUniversalSegmentation runs on one device; "
+    if isinstance(device_map, dict) or device_map in ("auto", "balanced", "balanced_low_0", "sequential"):
+        raise ValueError(f"device_map={given!r}: EomtFastForUniversalSegmentation runs on one device; "
                          "pass device='cuda' (or device_map='cuda:0')")
-    if isinstance(device_map, int):  # transformers: a GPU index
-        return torch.device("cuda", device_map)
-    try:
-        return torch.device(device_map)
-    except RuntimeError as exc:
-        raise ValueError(f"device_map={device_map!r} is not a device ({exc})") from None
+    mapped = _as_device(device_map, "device_map")
+    if device is None:
+        return mapped
+    device = _as_device(device, "device")
+    if device.type != mapped.type or None not in (device.index, mapped.index) and device.index != mapped.index:
+        raise ValueError(f"device={device!r} and device_map={given!r} disagree; pass one of them")
+    return device if device.index is not None else mapped
 
 
 def _weight(*shape: int) -> nn.Parameter:
@@ -310,7 +321,7 @@ class EomtFastForUniversalSegmentation(nn.Module):
         None), ``device_map`` for ``device`` (one device: the model is never split)."""
         dtype, torch_dtype = (None if d == "auto" else d for d in (dtype, torch_dtype))  # "auto": the stored dtype
         dtype = _alias("dtype", parse_dtype(dtype), "torch_dtype", parse_dtype(torch_dtype))
-        device = _alias("device", device, "device_map", _single_device(device_map), same=_same_device)
+        device = _load_device(device, device_map)
         directory = checkpoint.resolve_directory(path_or_hub_id, revision=revision, token=token, cache_dir=cache_dir,
                                                  local_files_only=local_files_only)
         config = checkpoint.read_config(directory)
@@ -383,8 +394,9 @@ class EomtFastForUniversalSegmentation(nn.Module):
 
         recorded = [f"{name}=True" for name in ("output_hidden_states", "output_attentions") if self._flag(name, None, False)]
         if recorded:  # every plain call would then run uncaptured
-            raise ValueError(f"the model's config sets {' and '.join(recorded)}, which CUDA graphs do not capture; "
-                             "set them to False in model.config.extra (ask per call instead)")
+            raise ValueError(f"the model's config (its config.json) sets {' and '.join(recorded)}, which CUDA graphs "
+                             "do not capture: set them to false in config.json, or load without cuda_graphs=True, set "
+                             "model.config.extra[...] = False, then call enable_cuda_graphs() (ask per call instead)")
         self._cuda_graphs = CudaGraphs(self, clone_outputs=clone_outputs, capture=capture)
 
     def disable_cuda_graphs(self) -> None:
@@ -577,9 +589,11 @@ class EomtFastForUniversalSegmentation(nn.Module):
 
     def _flag(self, name: str, value: Any, default: bool) -> bool:
         """A forward flag: the argument, else the value config.json carried (transformers' default), else
-        ``default``; only True or False."""
+        ``default`` (also for a null in config.json); only True or False."""
         if value is None:
-            value = self.config.extra.get(name, default)
+            value = self.config.extra.get(name)
+        if value is None:  # not in config.json, or null there ("unset" in transformers)
+            value = default
         if not isinstance(value, bool):
             raise TypeError(f"{name} must be True or False, got {value!r}"
                             + (" (select layers from the returned tuple)" if name == "output_hidden_states" else ""))

@@ -195,7 +195,8 @@ class PreprocessedImages(NamedTuple):
 
     A tuple (``pixel_values, patch_offsets, target_sizes = ...``) that also reads like transformers'
     BatchFeature: ``inputs["pixel_values"]``, ``model(**inputs)`` (its keys are the model's inputs,
-    pixel_values and patch_offsets), ``in``, ``get``, ``items``, ``values`` and ``inputs = inputs.to(...)``.
+    pixel_values and patch_offsets, also for ``items`` and ``values``), ``in``, ``get`` and ``[...]`` (which
+    know target_sizes too) and ``inputs = inputs.to(...)``.
     Being a tuple, iterating it and ``len`` give its three fields, and ``to`` returns a new object (a
     BatchFeature changes itself): assign the result."""
 
@@ -208,10 +209,11 @@ class PreprocessedImages(NamedTuple):
         return ("pixel_values", "patch_offsets")
 
     def __contains__(self, key: object) -> bool:  # type: ignore[override]
-        return key in self.keys() if isinstance(key, str) else tuple.__contains__(self, key)
+        """A field name (target_sizes too, as ``[...]`` reads it), else a value as in any tuple."""
+        return key in self._fields if isinstance(key, str) else tuple.__contains__(self, key)
 
     def get(self, key: str, default: Any = None) -> Any:
-        return getattr(self, key) if key in self.keys() else default
+        return getattr(self, key) if key in self._fields else default
 
     def items(self) -> list[tuple[str, Any]]:
         return [(k, getattr(self, k)) for k in self.keys()]

@@ -267,15 +267,43 @@ def test_hub_fetches_one_weight_format_and_passes_the_options(hub):
     assert not (fake.snapshot / "model.fp16.safetensors").exists()
 
 
-def test_hub_sharded_safetensors(hub):
+def test_hub_sharded_safetensors_fetch_exactly_the_indexed_shards(hub):
     fake, hf = hub
     (fake.repo / "model.safetensors").unlink()
     hf.save_pretrained(fake.repo, max_shard_size="100KB")
-    assert (fake.repo / "model.safetensors.index.json").is_file()
     (fake.repo / "model.safetensors").unlink(missing_ok=True)
+    shards = sorted(set(json.loads((fake.repo / "model.safetensors.index.json").read_text())["weight_map"].values()))
+    assert len(shards) > 1
+    (fake.repo / "model-00099-of-00099.safetensors").write_bytes(b"a stray shard no index names")
     model = EomtFastForUniversalSegmentation.from_pretrained("org/eomt")
     assert_same_model(model, EomtFastForUniversalSegmentation.from_hf(hf))
-    assert len(fake.calls) == 1 and len(list(fake.snapshot.glob("model-*-of-*.safetensors"))) > 1
+    assert [patterns for _, patterns, _ in fake.calls][1] == shards
+    assert fake.calls[1][2]["revision"] == fake.snapshot.name
+    assert not (fake.snapshot / "model-00099-of-00099.safetensors").exists()
+
+
+def test_hub_cache_offline_with_the_real_huggingface_hub(saved, tmp_path):
+    """A Hub cache laid out as huggingface_hub lays it out (refs/main -> snapshots/<commit>), read by the real
+    snapshot_download with local_files_only=True: no network, and the PyTorch-weights fetch pinned to <commit>."""
+    pytest.importorskip("huggingface_hub")
+    path, hf = saved
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "cache" / "models--org--eomt"
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    (snapshot / "config.json").write_text((path / "config.json").read_text())
+    torch.save(hf.state_dict(), snapshot / "pytorch_model.bin")
+    for revision in (None, "main", commit):
+        model = EomtFastForUniversalSegmentation.from_pretrained(
+            "org/eomt", cache_dir=tmp_path / "cache", local_files_only=True, revision=revision)
+        assert_same_model(model, EomtFastForUniversalSegmentation.from_hf(hf))
+    (snapshot / "pytorch_model.bin").unlink()
+    (snapshot / "model.safetensors").write_bytes((path / "model.safetensors").read_bytes())
+    model = EomtFastForUniversalSegmentation.from_pretrained("org/eomt", cache_dir=tmp_path / "cache",
+                                                              local_files_only=True)
+    assert_same_model(model, EomtFastForUniversalSegmentation.from_hf(hf))
 
 
 def test_hub_errors_are_one_clear_message(hub, monkeypatch):
@@ -321,21 +349,35 @@ def test_transformers_argument_names(saved):
         assert load(path, device=device, device_map=device_map).device.type == "cpu"
     with pytest.raises(ValueError, match="dtype=torch.float32 and torch_dtype=torch.bfloat16 disagree"):
         load(path, dtype=torch.float32, torch_dtype="bf16")
-    with pytest.raises(ValueError, match="device='cpu' and device_map=device.type='meta'. disagree"):
+    with pytest.raises(ValueError, match="device=device.type='cpu'. and device_map='meta' disagree"):
         load(path, device="cpu", device_map="meta")
-    for device_map in ("auto", "balanced", {"": 0, "layers.1": 1}, True, 1.5):
-        with pytest.raises(ValueError, match="runs on one device"):
+    for device_map in ("auto", "balanced", {"": 0, "layers.1": 1}, {"": "auto"}):
+        with pytest.raises(ValueError, match=f"device_map={device_map!r}: EomtFastForUniversalSegmentation runs on one"
+                                             .replace("{", "\\{").replace("}", "\\}")):
             load(path, device_map=device_map)
-    with pytest.raises(ValueError, match="device_map='gpu' is not a device"):
-        load(path, device_map="gpu")
+    for device_map, message in ((True, "is not a device"), (1.5, "is not a device"), ("gpu", "is not a device"),
+                                (-1, "a GPU index must be >= 0"), ({"": -1}, "a GPU index must be >= 0")):
+        with pytest.raises(ValueError, match=message):
+            load(path, device_map=device_map)
 
 
-def test_same_device_spellings():
-    from eomt_fast.model import _same_device, _single_device
+@pytest.mark.parametrize(("device", "device_map", "expected"), [
+    (None, 0, "cuda:0"), (None, {"": 1}, "cuda:1"), (None, "cuda", "cuda"),
+    ("cuda:1", "cuda", "cuda:1"), ("cuda", 2, "cuda:2"), (0, "cuda:0", "cuda:0"), ("cpu", None, "cpu"),
+])
+def test_device_and_device_map_combine(device, device_map, expected):
+    """The spelling with an index wins; no device is touched (nothing here needs CUDA)."""
+    from eomt_fast.model import _load_device
 
-    assert _single_device(0) == torch.device("cuda", 0) and _single_device({"": 1}) == torch.device("cuda", 1)
-    assert _same_device("cuda:0", _single_device(0)) and _same_device("cuda", "cuda:1")
-    assert not _same_device("cuda:0", "cuda:1") and not _same_device("cpu", "cuda")
+    assert str(_load_device(device, device_map)) == expected
+
+
+def test_device_and_device_map_disagreeing():
+    from eomt_fast.model import _load_device
+
+    for device, device_map in (("cuda:0", "cuda:1"), ("cpu", 0), ("cuda:1", {"": 0})):
+        with pytest.raises(ValueError, match="disagree"):
+            _load_device(device, device_map)
 
 
 def test_unknown_hub_option():

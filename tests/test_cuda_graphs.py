@@ -207,7 +207,7 @@ def test_config_level_hidden_states_are_an_error_with_graphs():
     model = small_model()
     model.config.extra["output_hidden_states"] = True
     try:
-        with pytest.raises(ValueError, match="config sets output_hidden_states=True, which CUDA graphs do not capture"):
+        with pytest.raises(ValueError, match=r"config \(its config.json\) sets output_hidden_states=True, which CUDA graphs do not capture"):
             model.enable_cuda_graphs(capture=capture_eagerly)
         assert model.cuda_graphs is None
         model.config.extra["output_hidden_states"] = False

@@ -135,3 +135,18 @@ def test_empty_batch_with_hidden_states_and_attentions(model):
 def test_bad_forward_arguments(model, kwargs, error, match):
     with pytest.raises(error, match=match):
         model(torch.randn(1, 3, 64, 64), **kwargs)
+
+
+def test_null_flags_in_config_json_mean_the_default(model):
+    """transformers writes null for an unset flag (to_diff_dict); null means its default, not an error."""
+    extra = dict(model.config.extra)
+    model.config.extra.update(output_hidden_states=None, output_attentions=None, return_dict=None,
+                              tie_last_hidden_states=None)
+    try:
+        out = model(torch.randn(1, 3, 64, 64))
+        assert out.hidden_states is None and out.attentions is None and not isinstance(out, tuple)
+        hs = model(torch.randn(1, 3, 64, 64), output_hidden_states=True)
+        assert hs.hidden_states[-1] is hs.last_hidden_state  # tied, the default
+    finally:
+        model.config.extra.clear()
+        model.config.extra.update(extra)

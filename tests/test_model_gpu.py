@@ -178,6 +178,7 @@ def test_hidden_states_and_attentions_gpu():
     """output_hidden_states / output_attentions on the kernels (EoMT-S, bf16, masking on): every entry within
     twice transformers' own bf16 error of its fp32 run (attentions: eager attention, the one returning them)."""
     hf32, hf_low, ours = build("eomt-s-640", torch.bfloat16, True)
+    hf32 = copy.deepcopy(hf32)  # the cached fp32 model stays sdpa for the other tests
     for model in (hf32, hf_low):
         model.set_attn_implementation("eager")
     x = pixel_values("eomt-s-640")

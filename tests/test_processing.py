@@ -175,6 +175,7 @@ def test_the_transformers_idiom_works(models, task):
     else:
         assert_same_segments(post(got, inputs.target_sizes, threshold=0.0), post(expected, target_sizes, threshold=0.0))
     assert "pixel_values" in inputs and "labels" not in inputs and inputs.get("labels") is None
+    assert "target_sizes" in inputs and inputs.get("target_sizes") is inputs["target_sizes"] is inputs.target_sizes
     assert [k for k, _ in inputs.items()] == list(inputs.keys()) and inputs.values()[0] is inputs.pixel_values
     assert inputs.pixel_values in inputs  # still a tuple for its values
     with pytest.raises(KeyError, match="'labels': the fields are pixel_values, patch_offsets, target_sizes"):
