@@ -32,7 +32,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         from .model import EomtFastForUniversalSegmentation
 
         model = EomtFastForUniversalSegmentation.from_pretrained(args.model, device=args.device, dtype=args.dtype,
-                                                                 backend=args.backend)
+                                                                 backend=args.backend, revision=args.revision)
         cfg = model.config
         print(f"model {args.model}: {cfg.hidden_size}d x {cfg.num_hidden_layers} layers, {cfg.num_attention_heads} "
               f"heads, {cfg.num_queries} queries, {cfg.image_size}px, {cfg.num_labels} labels, "
@@ -83,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = sub.add_parser("info", help="versions, CUDA, and which implementation each op uses")
     info.add_argument("--model", help="a model directory or Hub id to load and describe")
+    info.add_argument("--revision", help="with a Hub id: the branch, tag or commit (default: main)")
     info.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: every device present)")
     info.add_argument("--dtype", help="float32, bfloat16, float16, float64")
     info.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])

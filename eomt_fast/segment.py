@@ -350,6 +350,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
                         help="model directory (config.json + weights) or Hub id (default: the bundled model "
                              "trained on generated scenes of shapes and textures, 128 px)")
+    parser.add_argument("--revision", default=None,
+                        help="with a Hub id: the branch, tag or commit to load (default: main)")
     parser.add_argument("--task", default="panoptic", choices=["panoptic", "instance", "semantic"])
     parser.add_argument("--out", required=True, help="output folder (created if missing)")
     parser.add_argument("--batch-size", type=int, default=4)
@@ -429,8 +431,9 @@ def run(args: argparse.Namespace) -> int:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     model = EomtFastForUniversalSegmentation.from_pretrained(args.model, device=device, dtype=args.dtype,
-                                                             backend=args.backend)
-    processor = EomtFastImageProcessor.from_pretrained(args.model, task=args.task, device=device)
+                                                             backend=args.backend, revision=args.revision)
+    processor = EomtFastImageProcessor.from_pretrained(args.model, task=args.task, device=device,
+                                                       revision=args.revision)
     if processor.do_split_image and args.task != "semantic":
         raise ValueError(f"{args.model} cuts images into sliding windows (a semantic checkpoint, per its "
                          f"preprocessor_config.json): use --task semantic")

@@ -202,3 +202,24 @@ def test_segment_argument_errors(model_dir, images, tmp_path, capsys):
     empty.mkdir()
     assert cli.main(["segment", str(empty), "--model", str(model_dir), "--out", str(tmp_path / "out")]) == 2
     assert "no image files in" in capsys.readouterr().err
+
+
+def test_segment_and_info_pass_the_revision_to_the_hub(model_dir, images, tmp_path, monkeypatch):
+    """--model HUB_ID --revision R: both the model and the processor are fetched at R (a fake snapshot_download
+    serving the saved model: no network)."""
+    huggingface_hub = pytest.importorskip("huggingface_hub")
+    calls = []
+
+    def snapshot_download(repo_id, allow_patterns, **options):
+        calls.append((repo_id, options.get("revision")))
+        return str(model_dir)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    out = tmp_path / "out"
+    status = cli.main(["segment", str(images / "a.png"), "--model", "org/eomt", "--revision", "v2", "--out", str(out),
+                       "--threshold", "0", "--overlap-threshold", "0", "--no-progress"])
+    assert status == 0 and (out / "a.segments.json").is_file()
+    assert len(calls) == 2 and set(calls) == {("org/eomt", "v2")}  # the model's weights, the processor's JSON
+    calls.clear()
+    assert cli.main(["info", "--model", "org/eomt", "--revision", "v3", "--device", "cpu"]) == 0
+    assert calls == [("org/eomt", "v3")]
