@@ -286,11 +286,7 @@ def resolve_directory(path_or_hub_id: str | os.PathLike, weights: bool = True, *
         return local
     index = local / SAFETENSORS_INDEX_NAME
     if index.is_file():  # sharded: exactly the shards its weight_map names
-        try:
-            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
-            raise CheckpointError(f"{index}: not a safetensors index with a weight_map ({exc})") from None
-        return fetch(shards, revision=local.name)
+        return fetch(sorted(set(_read_weight_map(index).values())), revision=local.name)
     return fetch([PYTORCH_BIN_NAME], revision=local.name)  # an older repository: its PyTorch weights
 
 
@@ -304,16 +300,25 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: cannot read safetensors weights (truncated or corrupt?): {exc}") from None
 
 
+def _read_weight_map(index: Path) -> dict[str, str]:
+    """A sharded safetensors index's weight_map: parameter name -> shard file name."""
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{index}: not a safetensors index with a weight_map ({exc})") from None
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index}: not a safetensors index with a weight_map (weight_map is a "
+                              f"{type(weight_map).__name__})")
+    return weight_map
+
+
 def read_state_dict(directory: Path) -> dict[str, torch.Tensor]:
     """Read model.safetensors, a sharded safetensors index, or pytorch_model.bin (weights_only)."""
     single, index, pt_bin = directory / SAFETENSORS_NAME, directory / SAFETENSORS_INDEX_NAME, directory / PYTORCH_BIN_NAME
     if single.is_file():
         return _read_safetensors(single)
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise CheckpointError(f"{index}: not a safetensors index with a weight_map ({exc})") from None
+        weight_map = _read_weight_map(index)
         state: dict[str, torch.Tensor] = {}
         for shard in sorted(set(weight_map.values())):
             shard_path = directory / shard
