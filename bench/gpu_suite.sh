@@ -13,9 +13,11 @@
 #                  tests as in `tests` (cut at half the step's time, slowest 25 listed), then eomt-fast bench
 #                  on EoMT-L/640, bf16, masking off, batch 1 and 8: eomt_fast, eomt_fast with CUDA graphs and
 #                  transformers-sdpa, 3 s of timing each (what is left of the step's time)
-#   tests          pytest -m gpu (the GPU tests) except tests/test_model_gpu.py, log only
+#   tests          pytest -m gpu (the GPU tests) except tests/test_model_gpu.py, log only (8 processes, each
+#                  test cut at 240 s, where pytest-xdist and pytest-timeout are installed: see GPU_TESTS)
 #   model-tests    pytest -m gpu tests/test_model_gpu.py: ViT-S/B/L models end to end against transformers,
 #                  CUDA graphs, torch.compile, peak memory (builds random ViT-L models: minutes), log only
+#                  (4 processes, 480 s a test)
 #   check-kernels  eomt-fast check-kernels: every Triton kernel compiled for sm_80 and sm_90, log only
 #   model-b1       eomt-fast bench, bf16, batch 1, masking off and on, for ViT-L, ViT-S and ViT-B at 640
 #                  (one command each, L first; each gets what is left of the step's time):
@@ -70,7 +72,22 @@ STEP_NAMES=(first-look "${ALL[@]}" all)  # `all` runs ALL, which leaves first-lo
 read -r -a MODELS <<< "${MODELS:-eomt-l-640 eomt-s-640 eomt-b-640}"
 read -r -a E2E_MODELS <<< "${E2E_MODELS:-eomt-l-640 eomt-s-640}"
 CLI=(-P -m eomt_fast.cli)
-GPU_TESTS=(-P -m pytest -m gpu -q -rs --ignore tests/test_model_gpu.py)  # the `tests` step; first-look starts with it
+# The GPU tests. Where the GPU machine's image has pytest-xdist (it does: KINDS.md), they run in TEST_WORKERS
+# processes (default 8; the GPU tests are mostly Triton compiling, one CPU core a kernel, and 16 cores are
+# there), the model tests in MODEL_TEST_WORKERS (default 4); 0 or 1 runs them in one process. Where it has
+# pytest-timeout, one test is cut after TEST_TIMEOUT s (default 240; MODEL_TEST_TIMEOUT 480) and fails with
+# its stack instead of taking the step's time. A step's pytest is cut with SIGINT (then SIGKILL 30 s later):
+# pytest then still prints the failures, their tracebacks and the summary of what ran (with SIGTERM it dies
+# with nothing but its progress dots).
+pytest_args() {  # $1: workers, $2: per-test timeout (s); prints the options, one a line
+    if [ "${1:-0}" -gt 1 ] && "$PY" -c "import xdist" 2>/dev/null; then printf '%s\n' -n "$1"; fi
+    if "$PY" -c "import pytest_timeout" 2>/dev/null; then printf '%s\n' --timeout "$2"; fi
+}
+mapfile -t TEST_OPTS < <(pytest_args "${TEST_WORKERS:-8}" "${TEST_TIMEOUT:-240}")
+mapfile -t MODEL_TEST_OPTS < <(pytest_args "${MODEL_TEST_WORKERS:-4}" "${MODEL_TEST_TIMEOUT:-480}")
+GPU_TESTS=(-P -m pytest -m gpu -q -rfEs "${TEST_OPTS[@]}" --ignore tests/test_model_gpu.py)  # `tests`; first-look starts with it
+MODEL_TESTS=(-P -m pytest -m gpu -q -rfEs "${MODEL_TEST_OPTS[@]}" tests/test_model_gpu.py)
+INT=(-s INT -k 30)  # timeout's options for a pytest: SIGINT, then SIGKILL
 MODEL=("${CLI[@]}" bench --dtype bfloat16 --masking both)
 COMPILE_DEFAULT=(--impls eomt_fast eomt_fast-cuda-graphs transformers-eager transformers-sdpa transformers-compile)
 KERNEL_ARGS=()
@@ -110,15 +127,15 @@ run_step() {
     step_start=$SECONDS
     {
         case $step in
-            first-look)  timeout $((STEP_TIMEOUT / 2)) "$PY" "${GPU_TESTS[@]}" --durations 25
+            first-look)  timeout "${INT[@]}" $((STEP_TIMEOUT / 2)) "$PY" "${GPU_TESTS[@]}" --durations 25
                          first=$?
                          timeout $((STEP_TIMEOUT - (SECONDS - step_start))) "$PY" "${CLI[@]}" bench --dtype bfloat16 \
                              --masking off --model eomt-l-640 --batch 1 8 --budget 3 \
                              --impls eomt_fast eomt_fast-cuda-graphs transformers-sdpa
                          second=$?
                          [ $first -eq 0 ] && [ $second -eq 0 ] ;;
-            tests)       timeout "$STEP_TIMEOUT" "$PY" "${GPU_TESTS[@]}" ;;
-            model-tests) timeout "$STEP_TIMEOUT" "$PY" -P -m pytest -m gpu -q -rs tests/test_model_gpu.py ;;
+            tests)       timeout "${INT[@]}" $((STEP_TIMEOUT - 30)) "$PY" "${GPU_TESTS[@]}" --durations 25 ;;
+            model-tests) timeout "${INT[@]}" $((STEP_TIMEOUT - 30)) "$PY" "${MODEL_TESTS[@]}" --durations 25 ;;
             check-kernels) timeout "$STEP_TIMEOUT" "$PY" "${CLI[@]}" check-kernels ;;
             model-b1)    per_model MODELS "${MODEL[@]}" --batch 1 "${COMPILE_DEFAULT[@]}" ;;
             model-b8)    per_model MODELS "${MODEL[@]}" --batch 8 "${COMPILE_DEFAULT[@]}" ;;

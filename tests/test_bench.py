@@ -392,3 +392,60 @@ def test_e2e_threshold_and_comparison_rules():
     assert not bench.compare_e2e("panoptic", moved, result, pixels, pixels, torch.float32)[0]
     off_by_two_levels = pixels + 2 * bench.ONE_LEVEL
     assert not bench.compare_e2e("panoptic", result, result, off_by_two_levels, pixels, torch.float32)[0]
+
+
+# ---- bench/gpu_suite.sh -----------------------------------------------------------------------------------
+FAKE_PYTHON = """#!/bin/sh
+# stands in for python3: records each call, answers the suite's probes
+echo "$*" >> "$CALLS"
+case "$1" in
+    bench/harness.py) echo fake-device ;;
+    -c) case "$2" in *xdist*) exit "$HAS_XDIST" ;; *pytest_timeout*) exit "$HAS_TIMEOUT" ;; esac ;;
+esac
+exit 0
+"""
+
+
+def run_gpu_suite(tmp_path, *steps, has_xdist=True, has_timeout=True):
+    """bench/gpu_suite.sh copied into tmp_path/bench and run there with a fake python: (rc, stderr, the
+    python calls it made)."""
+    import shutil
+    import subprocess
+
+    (tmp_path / "bench").mkdir(exist_ok=True)
+    shutil.copy(BENCH_DIR / "gpu_suite.sh", tmp_path / "bench" / "gpu_suite.sh")
+    fake = tmp_path / "fake_python"
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(0o755)
+    calls = tmp_path / "calls.txt"
+    calls.unlink(missing_ok=True)
+    env = {"PATH": "/usr/bin:/bin", "PYTHON": str(fake), "SKIP_INSTALL": "1", "CALLS": str(calls),
+           "HAS_XDIST": "0" if has_xdist else "1", "HAS_TIMEOUT": "0" if has_timeout else "1"}
+    proc = subprocess.run(["bash", str(tmp_path / "bench" / "gpu_suite.sh"), *steps], env=env,
+                          capture_output=True, text=True, timeout=60)
+    return proc.returncode, proc.stderr, calls.read_text().splitlines() if calls.exists() else []
+
+
+def test_gpu_suite_runs_the_gpu_tests_in_parallel_with_a_per_test_timeout(tmp_path):
+    """Where pytest-xdist and pytest-timeout are installed (the GPU machine's image), the kernel tests run in 8
+    processes and the model tests in 4, each test cut after 240 / 480 s; without them, plain pytest. Each
+    step's log lands in bench/results."""
+    rc, err, calls = run_gpu_suite(tmp_path, "tests", "model-tests")
+    assert rc == 0, err
+    pytest_calls = [c for c in calls if c.startswith("-P -m pytest")]
+    assert pytest_calls == [
+        "-P -m pytest -m gpu -q -rfEs -n 8 --timeout 240 --ignore tests/test_model_gpu.py --durations 25",
+        "-P -m pytest -m gpu -q -rfEs -n 4 --timeout 480 tests/test_model_gpu.py --durations 25",
+    ]
+    logs = sorted(p.name for p in (tmp_path / "bench" / "results").iterdir())
+    assert logs == ["fake-device_model-tests.log", "fake-device_tests.log"]
+    rc, err, calls = run_gpu_suite(tmp_path, "tests", has_xdist=False, has_timeout=False)
+    assert rc == 0, err
+    assert [c for c in calls if c.startswith("-P -m pytest")] == [
+        "-P -m pytest -m gpu -q -rfEs --ignore tests/test_model_gpu.py --durations 25"]
+
+
+def test_gpu_suite_refuses_an_unknown_step_before_running_anything(tmp_path):
+    rc, err, calls = run_gpu_suite(tmp_path, "tests", "no-such-step")
+    assert rc == 2 and "unknown step no-such-step" in err and "first-look" in err
+    assert not any(c.startswith("-P -m pytest") for c in calls)
