@@ -12,7 +12,9 @@
 #   first-look     for a session with only minutes of GPU time (one command, the first to run): the GPU
 #                  tests as in `tests` (cut at half the step's time, slowest 25 listed), then eomt-fast bench
 #                  on EoMT-L/640, bf16, masking off, batch 1 and 8: eomt_fast, eomt_fast with CUDA graphs and
-#                  transformers-sdpa, 3 s of timing each (what is left of the step's time)
+#                  transformers-sdpa, 3 s of timing each (what is left of the step's time); then, while at
+#                  least 60 s are left, cut where the time ends: mlp and linear without torch.compile (seconds
+#                  a shape), then mlp with it (max-autotune compiles for minutes)
 #   tests          pytest -m gpu (the GPU tests) except tests/test_model_gpu.py, log only (8 processes, each
 #                  test cut at 240 s, where pytest-xdist and pytest-timeout are installed: see GPU_TESTS)
 #   model-tests    pytest -m gpu tests/test_model_gpu.py: ViT-S/B/L models end to end against transformers,
@@ -115,6 +117,19 @@ per_model() {
     return $rc
 }
 
+# first-look's extras: run "$@" cut at what is left of the step's time, or skip it with less than 60 s left;
+# its exit status is logged, not returned (being cut is expected: results are written after every shape)
+with_what_is_left() {
+    local left=$((STEP_TIMEOUT - (SECONDS - step_start)))
+    if [ "$left" -lt 60 ]; then
+        echo "--- skipped ($left s left): $*"
+        return 0
+    fi
+    echo "--- at most $left s: $*"
+    timeout "$left" "$@"
+    echo "--- exit $?: $*"
+}
+
 install() {
     [ -n "${SKIP_INSTALL:-}" ] && return 0
     "$PY" -m pip install --quiet --no-deps --no-build-isolation -e . || { echo "install failed" >&2; exit 2; }
@@ -133,6 +148,9 @@ run_step() {
                              --masking off --model eomt-l-640 --batch 1 8 --budget 3 \
                              --impls eomt_fast eomt_fast-cuda-graphs transformers-sdpa
                          second=$?
+                         with_what_is_left "$PY" bench/bench_layernorm_mlp.py "${KERNEL_ARGS[@]}" --no-compile
+                         with_what_is_left "$PY" bench/bench_linear.py "${KERNEL_ARGS[@]}" --no-compile
+                         with_what_is_left "$PY" bench/bench_layernorm_mlp.py "${KERNEL_ARGS[@]}"
                          [ $first -eq 0 ] && [ $second -eq 0 ] ;;
             tests)       timeout "${INT[@]}" $((STEP_TIMEOUT - 30)) "$PY" "${GPU_TESTS[@]}" --durations 25 ;;
             model-tests) timeout "${INT[@]}" $((STEP_TIMEOUT - 30)) "$PY" "${MODEL_TESTS[@]}" --durations 25 ;;

@@ -406,7 +406,7 @@ exit 0
 """
 
 
-def run_gpu_suite(tmp_path, *steps, has_xdist=True, has_timeout=True):
+def run_gpu_suite(tmp_path, *steps, has_xdist=True, has_timeout=True, step_timeout=570):
     """bench/gpu_suite.sh copied into tmp_path/bench and run there with a fake python: (rc, stderr, the
     python calls it made)."""
     import shutil
@@ -420,7 +420,8 @@ def run_gpu_suite(tmp_path, *steps, has_xdist=True, has_timeout=True):
     calls = tmp_path / "calls.txt"
     calls.unlink(missing_ok=True)
     env = {"PATH": "/usr/bin:/bin", "PYTHON": str(fake), "SKIP_INSTALL": "1", "CALLS": str(calls),
-           "HAS_XDIST": "0" if has_xdist else "1", "HAS_TIMEOUT": "0" if has_timeout else "1"}
+           "HAS_XDIST": "0" if has_xdist else "1", "HAS_TIMEOUT": "0" if has_timeout else "1",
+           "STEP_TIMEOUT": str(step_timeout)}
     proc = subprocess.run(["bash", str(tmp_path / "bench" / "gpu_suite.sh"), *steps], env=env,
                           capture_output=True, text=True, timeout=60)
     return proc.returncode, proc.stderr, calls.read_text().splitlines() if calls.exists() else []
@@ -449,3 +450,18 @@ def test_gpu_suite_refuses_an_unknown_step_before_running_anything(tmp_path):
     rc, err, calls = run_gpu_suite(tmp_path, "tests", "no-such-step")
     assert rc == 2 and "unknown step no-such-step" in err and "first-look" in err
     assert not any(c.startswith("-P -m pytest") for c in calls)
+
+
+def test_gpu_suite_first_look_fills_what_is_left_with_kernel_benchmarks(tmp_path):
+    """first-look: the GPU tests, the EoMT-L/640 model benchmark, then while at least 60 s of the step are left
+    the MLP and linear kernel benchmarks without torch.compile and the MLP one with it."""
+    rc, err, calls = run_gpu_suite(tmp_path, "first-look")
+    assert rc == 0, err
+    runs = [c for c in calls if not c.startswith(("-c ", "bench/harness.py"))]
+    assert [c.split(" --")[0] for c in runs] == [
+        "-P -m pytest -m gpu -q -rfEs -n 8", "-P -m eomt_fast.cli bench", "bench/bench_layernorm_mlp.py",
+        "bench/bench_linear.py", "bench/bench_layernorm_mlp.py"]
+    assert runs[2].endswith("--filter eomt-l-640 --no-compile") and runs[4].endswith("--filter eomt-l-640")
+    rc, err, calls = run_gpu_suite(tmp_path, "first-look", step_timeout=50)  # under 60 s left: no extras
+    assert rc == 0, err
+    assert not any(c.startswith("bench/bench_") for c in calls)
