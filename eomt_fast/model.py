@@ -544,16 +544,18 @@ class EomtFastForUniversalSegmentation(nn.Module):
     def forward(
         self,
         pixel_values: torch.Tensor,
+        mask_labels: list[torch.Tensor] | None = None,
+        class_labels: list[torch.Tensor] | None = None,
         patch_offsets: list[torch.Tensor] | None = None,
-        generator: torch.Generator | None = None,
         *,
+        generator: torch.Generator | None = None,
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
         return_dict: bool | None = None,
-        mask_labels: list[torch.Tensor] | None = None,
-        class_labels: list[torch.Tensor] | None = None,
     ) -> EomtFastOutput | tuple:
-        """pixel_values (B, channels, image_size, image_size), normalised. ``patch_offsets`` (from the image
+        """pixel_values (B, channels, image_size, image_size), normalised. The positional order is
+        transformers' (pixel_values, mask_labels, class_labels, patch_offsets); the rest is keyword-only.
+        ``patch_offsets`` (from the image
         processor's semantic sliding windows) is passed through. ``generator`` drives the random unmasking of
         layers whose attn_mask_probs lies strictly between 0 and 1 (default: torch's global generator, as
         transformers; not with cuda_graphs, whose graphs draw from the default generator). The caller's

@@ -137,6 +137,32 @@ def test_bad_forward_arguments(model, kwargs, error, match):
         model(torch.randn(1, 3, 64, 64), **kwargs)
 
 
+def test_forward_positional_order_is_transformers():
+    """A call written for transformers' forward(pixel_values, mask_labels, class_labels, patch_offsets, **kwargs)
+    binds the same way here; what transformers takes as keyword arguments is keyword-only."""
+    import inspect
+
+    from transformers import EomtForUniversalSegmentation
+
+    def positional(fn):
+        kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        return [p.name for p in inspect.signature(fn).parameters.values() if p.kind in kinds]
+
+    theirs = positional(EomtForUniversalSegmentation.forward)
+    assert positional(EomtFastForUniversalSegmentation.forward) == theirs
+    assert theirs == ["self", "pixel_values", "mask_labels", "class_labels", "patch_offsets"]
+
+
+def test_positional_patch_offsets(model):
+    x = torch.randn(1, 3, 64, 64)
+    offsets = [torch.tensor([0, 0, 64])]
+    assert model(x, None, None, offsets).patch_offsets is offsets
+    with pytest.raises(ValueError, match="inference only"):  # the second positional is mask_labels, as there
+        model(x, offsets)
+    with pytest.raises(TypeError):
+        model(x, None, None, offsets, torch.Generator())  # generator is keyword-only
+
+
 def test_null_flags_in_config_json_mean_the_default(model):
     """transformers writes null for an unset flag (to_diff_dict); null means its default, not an error."""
     extra = dict(model.config.extra)
