@@ -199,7 +199,10 @@ def evaluate(model: Any, processor: Any, scenes: Sequence[scene_lib.Scene], batc
 # ---- the command -----------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
-                        help="model directory trained on generated scenes (default: the bundled default model)")
+                        help="model directory or Hub id, trained on generated scenes (default: the bundled "
+                             "default model)")
+    parser.add_argument("--revision", default=None,
+                        help="with a Hub id: the branch, tag or commit to load (default: main)")
     parser.add_argument("--count", type=int, default=200, help="held-out scenes to evaluate on")
     parser.add_argument("--seed", type=int, default=scene_lib.HELD_OUT_SEED,
                         help=f"scene stream (default {scene_lib.HELD_OUT_SEED}, the held-out set; training uses "
@@ -222,11 +225,11 @@ def run(args: argparse.Namespace) -> int:
     model_dir = args.model or default_model_dir()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = EomtFastForUniversalSegmentation.from_pretrained(model_dir, device=device, dtype=args.dtype,
-                                                             backend=args.backend)
+                                                             backend=args.backend, revision=args.revision)
     if model.config.num_labels != scene_lib.NUM_CLASSES:
         raise ValueError(f"{model_dir} predicts {model.config.num_labels} classes; models for generated scenes "
                          f"predict {scene_lib.NUM_CLASSES} ({', '.join(scene_lib.CLASS_NAMES)})")
-    processor = EomtFastImageProcessor.from_pretrained(model_dir, device=device)
+    processor = EomtFastImageProcessor.from_pretrained(model_dir, device=device, revision=args.revision)
     size = model.config.image_size
     started = time.perf_counter()
     result = evaluate(model, processor, scene_lib.make_scenes(args.count, args.seed, size), args.batch_size,

@@ -141,3 +141,21 @@ def test_example_scenes_are_the_held_out_scenes():
     assert len(paths) == 4
     for path, scene in zip(paths, make_scenes(len(paths), HELD_OUT_SEED)):
         assert np.array_equal(np.asarray(Image.open(path).convert("RGB")), scene.image)
+
+
+def test_evaluate_passes_the_revision_to_the_hub(tmp_path, monkeypatch):
+    """--model HUB_ID --revision R: the model and the processor are fetched at R (a fake snapshot_download
+    serving the bundled model: no network)."""
+    huggingface_hub = pytest.importorskip("huggingface_hub")
+    calls = []
+
+    def snapshot_download(repo_id, allow_patterns, **options):
+        calls.append((repo_id, options.get("revision")))
+        return str(default_model_dir())
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    out = tmp_path / "pq.json"
+    assert cli_main(["evaluate", "--model", "org/scenes", "--revision", "v2", "--count", "1", "--device", "cpu",
+                     "--json", str(out)]) == 0
+    assert len(calls) == 2 and set(calls) == {("org/scenes", "v2")}  # the model's weights, the processor's JSON
+    assert json.loads(out.read_text())["model"] == "org/scenes"
