@@ -163,6 +163,10 @@ class EomtFastConfig:
         if not isinstance(data, dict):
             raise ConfigError(f"{source}: expected a JSON object, got {type(data).__name__}")
         model_type = data.get("model_type")
+        if model_type == "eomt_dinov3":
+            raise ConfigError(f"{source}: an EoMT-DINOv3 config (model_type 'eomt_dinov3', transformers' "
+                              f"EomtDinov3ForUniversalSegmentation: rotary position embeddings, no absolute ones) "
+                              f"is not supported; eomt_fast runs the DINOv2 EoMT models (model_type 'eomt')")
         if model_type != "eomt":
             raise ConfigError(f"{source}: not an EoMT config (model_type is {model_type!r}, expected 'eomt')")
         data = dict(data)

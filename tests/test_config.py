@@ -71,6 +71,8 @@ def test_invalid_configs_name_the_problem(changes, match):
 def test_not_an_eomt_config():
     with pytest.raises(ConfigError, match="not an EoMT config"):
         EomtFastConfig.from_dict({"model_type": "mask2former"})
+    with pytest.raises(ConfigError, match="EoMT-DINOv3 config.*is not supported"):
+        EomtFastConfig.from_dict({"model_type": "eomt_dinov3"})
 
 
 def test_square_pairs_and_num_labels():
