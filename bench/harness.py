@@ -945,6 +945,8 @@ def run_kernel_benchmark(cases: list[KernelCase], args: argparse.Namespace) -> i
     from eomt_fast.model import parse_dtype
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":  # the timers (events, do_bench) and synchronize work on the current device
+        torch.cuda.set_device(device)
     dtype = parse_dtype(args.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)

@@ -288,6 +288,8 @@ def _setup(args: argparse.Namespace):
     and the model config with its name in the results."""
     harness = load_harness()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":  # the timers (events, do_bench) and synchronize work on the current device
+        torch.cuda.set_device(device)
     dtype = parse_dtype(args.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     if args.threads:
         torch.set_num_threads(args.threads)

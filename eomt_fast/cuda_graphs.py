@@ -20,8 +20,11 @@ Limits, each a clear error: the model must be on CUDA and its parameters must no
 only, like the eager forward); pixel_values must not require grad; a ``generator`` cannot drive the random
 unmasking of layers whose attn_mask_probs lies strictly between 0 and 1 (the graph draws from the default
 CUDA generator, as captured graphs can). Under ``torch.compile`` the model bypasses these graphs (use
-``mode="reduce-overhead"`` there). Moving or casting the model drops its graphs; replacing a parameter
-object by hand is not detected (load new weights with ``load_state_dict``, which copies in place).
+``mode="reduce-overhead"`` there). Moving or casting the model, or ``load_state_dict(..., assign=True)``,
+drops its graphs (``model.weights_generation`` counts those changes; a runner made directly captures again
+too); replacing a parameter object by hand is not detected (load new weights with ``load_state_dict``).
+The graphs run on the model's device, made current for the call (it need not be the current one). Each
+graph keeps its own memory pool until ``clear()``: a runner called at many batch sizes holds one pool each.
 
 The capture is injectable (``capture=``): ``capture_eagerly`` runs the same buffer and key logic on any
 device without a graph, for tests and debugging.
@@ -37,6 +40,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .kernels._triton import device_of
+
 if TYPE_CHECKING:
     from .model import EomtFastForUniversalSegmentation, EomtFastOutput
 
@@ -49,6 +54,8 @@ def capture_cuda_graph(fn: Callable[[], Outputs], warmup: int = 2) -> tuple[Call
     """Run ``fn`` ``warmup`` times on a side stream (JIT compiles, autotuning and host caches stay out of
     the capture), then capture one call into a CUDA graph with a private memory pool. Returns the graph's
     replay and the outputs of the captured call, which every replay rewrites (nothing runs until then)."""
+    # on the current device (CudaGraphs makes the model's current): the side stream, and the capture stream
+    # passed explicitly (torch.cuda.graph's default one is created once, on whichever device came first)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -56,7 +63,7 @@ def capture_cuda_graph(fn: Callable[[], Outputs], warmup: int = 2) -> tuple[Call
             fn()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, stream=torch.cuda.Stream()):
         outputs = fn()
     return graph.replay, tuple(outputs)
 
@@ -99,6 +106,7 @@ class CudaGraphs:
         self._capture: Capture = capture or functools.partial(capture_cuda_graph, warmup=warmup)
         self._needs_cuda = capture is None
         self._graphs: dict[tuple, _Graph] = {}
+        self._weights_generation = model.weights_generation
         self._check_model()
 
     def _check_model(self) -> None:
@@ -148,18 +156,22 @@ class CudaGraphs:
             return model._empty_output(patch_offsets)
         if self._needs_cuda and model.device.type != "cuda":
             raise RuntimeError(f"cuda_graphs=True needs the model on a CUDA device, it is on {model.device}")
+        if model.weights_generation != self._weights_generation:  # moved, cast or assigned since the captures:
+            self.clear()  # their graphs read the old addresses
+            self._weights_generation = model.weights_generation
         key = self.key(pixel_values)
         if generator is not None and any(0 < p < 1 for p in key[-1]):
             raise ValueError("generator= cannot drive the random unmasking (attn_mask_probs strictly between 0 "
                              "and 1) of a captured CUDA graph, which draws from the default CUDA generator; "
                              "call with generator=None, or disable cuda_graphs for this call")
-        graph = self._graphs.get(key)
-        if graph is None:
-            graph = self._graphs[key] = self._record(pixel_values)  # the static input holds pixel_values
-        else:
-            graph.static_input.copy_(pixel_values)
-        graph.replay()
-        outputs = tuple(t.clone() for t in graph.outputs) if self.clone_outputs else graph.outputs
+        with device_of(pixel_values):  # the model's device (checked above): streams, capture and kernels there
+            graph = self._graphs.get(key)
+            if graph is None:
+                graph = self._graphs[key] = self._record(pixel_values)  # the static input holds pixel_values
+            else:
+                graph.static_input.copy_(pixel_values)
+            graph.replay()
+            outputs = tuple(t.clone() for t in graph.outputs) if self.clone_outputs else graph.outputs
         return model._output(*outputs, patch_offsets)
 
     def _record(self, pixel_values: torch.Tensor) -> _Graph:

@@ -56,11 +56,11 @@ def run_demo(device: str = "cpu", dtype: str | None = None, batch_size: int = 1,
     times = []
     for _ in range(repeats):
         if model.device.type == "cuda":
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(model.device)
         start = time.perf_counter()
         out = model(pixel_values)
         if model.device.type == "cuda":
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(model.device)
         times.append(time.perf_counter() - start)
     median_ms = sorted(times)[len(times) // 2] * 1e3
     shapes = {name: tuple(getattr(out, name).shape)

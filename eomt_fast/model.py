@@ -15,6 +15,7 @@ With ``cuda_graphs=True`` the forward is captured per input shape and replayed (
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import os
 from dataclasses import dataclass, fields
@@ -238,6 +239,10 @@ class UpscaleBlock(nn.Module):
                                  self.ln_weight, self.ln_bias, self.eps)
 
 
+def _weights_may_have_moved(module: EomtFastForUniversalSegmentation, incompatible_keys: Any) -> None:
+    module._note_weight_pointers()  # load_state_dict(assign=True) replaces the tensors; a plain one copies
+
+
 class EomtFastForUniversalSegmentation(nn.Module):
     """EoMT for panoptic, instance and semantic segmentation (inference).
 
@@ -274,6 +279,11 @@ class EomtFastForUniversalSegmentation(nn.Module):
         self._ops_key: tuple | None = None
         self._ops: Ops = {}
         self.reset_parameters()
+        # the tensors' addresses a CUDA graph reads: bumped when moving, casting or load_state_dict(assign=True)
+        # re-creates them (CudaGraphs then captures again instead of replaying into freed memory)
+        self.weights_generation = 0
+        self._weights_ptrs = self._weight_pointers()
+        self.register_load_state_dict_post_hook(_weights_may_have_moved)
 
     # ---- construction ----------------------------------------------------------------------------
     @torch.no_grad()
@@ -411,9 +421,21 @@ class EomtFastForUniversalSegmentation(nn.Module):
     def _apply(self, *args: Any, **kwargs: Any):
         # moving or casting re-creates the parameters: a captured graph would read freed memory
         result = super()._apply(*args, **kwargs)
+        self._note_weight_pointers()
         if self._cuda_graphs is not None:
             self._cuda_graphs.clear()
         return result
+
+    def _weight_pointers(self) -> tuple[int, ...]:
+        return tuple(t.data_ptr() for t in itertools.chain(self.parameters(), self.buffers()))
+
+    def _note_weight_pointers(self) -> None:
+        """Bump ``weights_generation`` when a parameter or buffer now lives at another address."""
+        if hasattr(self, "_weights_ptrs"):  # nn.Module.__init__'s own _apply calls come first
+            pointers = self._weight_pointers()
+            if pointers != self._weights_ptrs:
+                self._weights_ptrs = pointers
+                self.weights_generation += 1
 
     # ---- properties --------------------------------------------------------------------------------
     @property

@@ -8,6 +8,13 @@ raises an error that says Triton is missing. ``dispatch`` never picks a kernel w
 
 from __future__ import annotations
 
+import contextlib
+import functools
+from collections.abc import Callable
+from typing import TypeVar
+
+import torch
+
 # Options every kernel launch passes (and ``eomt-fast check-kernels`` compiles with): floating-point
 # contraction (a * b + c as one FMA) stays on, as it is in Triton up to 3.9 and in PyTorch's own CUDA
 # kernels. Triton 3.10 turns it off by default (3.9 warns that it will); the kernels were written and
@@ -51,4 +58,29 @@ except ImportError:  # pragma: no cover - exercised by tests/test_package.py in 
     triton = _Missing("triton")
     tl = _Missing("triton.language")
 
-__all__ = ["HAS_TRITON", "LAUNCH_OPTIONS", "tl", "triton"]
+
+F = TypeVar("F", bound=Callable)
+
+
+def device_of(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
+    """The CUDA device of ``tensor`` made current for the block (a no-op off CUDA and when it already is).
+
+    Triton launches on the *current* CUDA device and its current stream, whatever device the arguments
+    are on; PyTorch's own ops follow their tensors. Without this, a model on cuda:1 used while cuda:0 is
+    current would run its kernels on cuda:0 with cuda:1 pointers."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+
+
+def on_input_device(launcher: F) -> F:
+    """Decorates a host function that launches Triton kernels: they run on its first argument's device
+    (see ``device_of``). ``tests/test_package.py`` checks that every launching function carries it."""
+
+    @functools.wraps(launcher)
+    def launch(first, *args, **kwargs):
+        with device_of(first):
+            return launcher(first, *args, **kwargs)
+
+    return launch  # type: ignore[return-value]
+
+
+__all__ = ["HAS_TRITON", "LAUNCH_OPTIONS", "device_of", "on_input_device", "tl", "triton"]

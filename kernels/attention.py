@@ -12,7 +12,7 @@ import os
 
 import torch
 import torch.nn.functional as F
-from ._triton import LAUNCH_OPTIONS, tl, triton  # Triton, or a stand-in where it is not installed
+from ._triton import LAUNCH_OPTIONS, on_input_device, tl, triton  # Triton, or a stand-in without it
 
 
 def expand_query_patch_mask(query_patch_mask: torch.Tensor, seq_len: int, patch_start: int) -> torch.Tensor:
@@ -410,6 +410,7 @@ def _rows_aligned(t: torch.Tensor, head_dim: int) -> bool:
             and all((stride * size) % 16 == 0 for stride in t.stride()[:-1]))
 
 
+@on_input_device
 def pack_query_patch_mask(query_patch_mask: torch.Tensor, seq_len: int, patch_start: int) -> torch.Tensor:
     """(B, Q, P) bool -> (B, Q, n_words) int32 in token coordinates, bit j of word w = may attend to
     token 32*w + j; tokens before ``patch_start`` read as allowed, the padding past ``seq_len`` as blocked.
@@ -426,6 +427,7 @@ def pack_query_patch_mask(query_patch_mask: torch.Tensor, seq_len: int, patch_st
     return bits
 
 
+@on_input_device
 def masked_attention_fwd(
     qkv: torch.Tensor,
     num_heads: int,
@@ -473,8 +475,10 @@ def masked_attention_fwd(
         _masked_attention_fwd_autotuned[grid](*args, **meta, **LAUNCH_OPTIONS)
     else:
         block_m, block_n = block_m or 64, block_n or 64
-        if block_n % 32 or block_n > MAX_BLOCK_N:
-            raise ValueError(f"block_n must be a multiple of 32 up to {MAX_BLOCK_N}, got {block_n}")
+        if block_n < 32 or block_n > MAX_BLOCK_N or block_n & (block_n - 1):
+            raise ValueError(f"block_n must be a power of two from 32 to {MAX_BLOCK_N}, got {block_n}")
+        if block_m < 16 or block_m & (block_m - 1):
+            raise ValueError(f"block_m must be a power of two >= 16, got {block_m}")
         _masked_attention_fwd_kernel[(batch * num_heads, triton.cdiv(seq_len, block_m))](
             *args, **meta, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, num_stages=2, **LAUNCH_OPTIONS)
     return out

@@ -68,7 +68,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from ._triton import LAUNCH_OPTIONS, tl, triton  # Triton, or a stand-in where it is not installed
+from ._triton import LAUNCH_OPTIONS, on_input_device, tl, triton  # Triton, or a stand-in without it
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -434,13 +434,14 @@ def _splitk_reduce_kernel(
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
     offsets = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+    plane = (tl.zeros((1, 1), dtype=tl.int64) + M) * N  # one split's M * N partial sums, in int64
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for _ in range(SPLIT_K):  # a fixed order: deterministic
         acc += tl.load(Ws + offsets, mask=mask, other=0.0)
         if GLU:
             acc_up += tl.load(WsUp + offsets, mask=mask, other=0.0)
-        offsets += M * N
+        offsets += plane
     store_tile(acc, acc_up, offs_m, offs_n, M, N, glu_offset, Out, Bias, Scale, Res,
                out_rows_inner, out_cols_inner, stride_o0, stride_o1, stride_o2, stride_o3,
                stride_r0, stride_r1, stride_r2, stride_r3,
@@ -484,6 +485,7 @@ def _layernorm_rows_kernel(
 
 # ---- launchers ---------------------------------------------------------------------------------------
 
+@on_input_device
 def _layernorm_launch(x: torch.Tensor, y, mean, rstd, ln_weight, ln_bias, eps: float) -> None:
     """x: (M, C) or a row-split (Mo, Mi, C) view (``as_rows``), unit column stride."""
     c = x.shape[-1]
@@ -613,6 +615,7 @@ def _output_geometry(out: torch.Tensor, residual: torch.Tensor | None, m: int, n
     return geoms[0], geoms[1][2:] if residual is not None else (0, 0, 0, 0), False, split_rows
 
 
+@on_input_device
 def gemm(
     a: torch.Tensor,
     weight: torch.Tensor,
@@ -649,8 +652,12 @@ def gemm(
         raise ValueError(f"a must be 2-D or 3-D and weight 2-D, got {tuple(a.shape)} and {tuple(weight.shape)}")
     if a.dtype not in _DTYPES or weight.dtype != a.dtype:
         raise TypeError(f"a and weight must share one of fp16/bf16/fp32, got {a.dtype} and {weight.dtype}")
-    if weight.device != a.device:
-        raise ValueError(f"a is on {a.device} but weight on {weight.device}")
+    others = {"weight": weight, "bias": bias, "scale": scale, "residual": residual, "out": out}
+    if ln is not None:
+        others.update(ln_weight=ln[0], ln_bias=ln[1])
+    for name, t in others.items():
+        if t is not None and t.device != a.device:
+            raise ValueError(f"a is on {a.device} but {name} on {t.device}")
     a = as_rows(a)  # 2-D when its rows are evenly strided, else a row-split 3-D view (never a copy)
     m, k = _num_rows(a), a.shape[-1]
     rows_w = weight.shape[0]

@@ -62,7 +62,7 @@ import functools  # noqa: E402
 import os  # noqa: E402
 
 from . import gemm as _gemm  # noqa: E402
-from ._triton import LAUNCH_OPTIONS, tl, triton  # noqa: E402  (Triton, or a stand-in where it is not installed)
+from ._triton import LAUNCH_OPTIONS, on_input_device, tl, triton  # noqa: E402  (Triton, or a stand-in)
 from .gemm import grouped_tile  # noqa: E402
 
 _INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -214,6 +214,7 @@ def grid_sampling(size: int, grid_size: int) -> tuple[int, int, int] | None:
     return (factor, factor // 2 - 1, 2) if factor % 2 == 0 else (factor, (factor - 1) // 2, 1)
 
 
+@on_input_device
 def grid_attention_mask_forward(mask_embeddings: torch.Tensor, pixel_embeddings: torch.Tensor, grid_size: int,
                                 *, out: torch.Tensor | None = None,
                                 config: _gemm.GemmConfig | None = None) -> torch.Tensor:

@@ -51,7 +51,7 @@ import functools  # noqa: E402
 import os  # noqa: E402
 
 from . import gemm as _gemm  # noqa: E402
-from ._triton import LAUNCH_OPTIONS, tl, triton  # noqa: E402  (Triton, or a stand-in where it is not installed)
+from ._triton import LAUNCH_OPTIONS, on_input_device, tl, triton  # noqa: E402  (Triton, or a stand-in)
 from .gemm import grouped_tile, split_columns  # noqa: E402
 
 _INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -163,6 +163,7 @@ def _aligned16(t: torch.Tensor, strides) -> bool:
     return t.data_ptr() % 16 == 0 and all((s * t.element_size()) % 16 == 0 for s in strides)
 
 
+@on_input_device
 def patch_embed_forward(
     pixel_values: torch.Tensor,
     weight: torch.Tensor,

@@ -63,7 +63,7 @@ import functools  # noqa: E402
 import os  # noqa: E402
 
 from . import gemm as _gemm  # noqa: E402
-from ._triton import LAUNCH_OPTIONS, tl, triton  # noqa: E402  (Triton, or a stand-in where it is not installed)
+from ._triton import LAUNCH_OPTIONS, on_input_device, tl, triton  # noqa: E402  (Triton, or a stand-in)
 from .gemm import apply_activation, grouped_tile, split_columns  # noqa: E402
 
 _INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -289,6 +289,7 @@ def _tuned_dwconv_kernel():
     return triton.autotune(configs=configs, key=["H", "W", "C"], prune_configs_by=prune)(_dwconv_layernorm_kernel)
 
 
+@on_input_device
 def convt_gelu(x: torch.Tensor, convt_weight: torch.Tensor, convt_bias: torch.Tensor, *,
                out: torch.Tensor | None = None, config: _gemm.GemmConfig | None = None) -> torch.Tensor:
     """GELU(ConvTranspose2d(k=2, s=2)(x) + bias), channels-last: (B, H, W, C_in) -> (B, 2H, 2W, C_out)."""
@@ -317,6 +318,7 @@ def convt_gelu(x: torch.Tensor, convt_weight: torch.Tensor, convt_bias: torch.Te
     return out
 
 
+@on_input_device
 def dwconv_layernorm(y: torch.Tensor, dw_weight: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor,
                      eps: float, *, out: torch.Tensor | None = None) -> torch.Tensor:
     """LayerNorm over channels of the depthwise 3x3 conv (pad 1, no bias) of channels-last y (B, H, W, C)."""

@@ -230,6 +230,15 @@ def test_public_op_matches_launcher(device):
     assert torch.equal(masked_attention(qkv, case.heads), run_poisoned(qkv, case.heads, None, None))
 
 
+@pytest.mark.parametrize(("tile", "match"), [((64, 96), "block_n must be a power of two"), ((64, 16), "block_n"),
+                                            ((48, 64), "block_m must be a power of two")])
+def test_rejects_bad_tiles(tile, match, device):
+    """tl.arange needs power-of-two tiles: a fixed tile that is not one is refused before any launch."""
+    qkv, mask, patch_start = Case(1, 130, 1, 64, 5, 4, F32, "blocky").inputs(device)
+    with pytest.raises(ValueError, match=match):
+        masked_attention_fwd(qkv, 1, mask, patch_start, block_m=tile[0], block_n=tile[1])
+
+
 # (qkv shape, heads, qkv dtype, mask shape or None, mask dtype, patch_start) -> the error attention_ref's
 # contract implies; S = 17 throughout
 BAD_INPUTS = {

@@ -216,3 +216,28 @@ def test_config_level_hidden_states_are_an_error_with_graphs():
     finally:
         model.config.extra.pop("output_hidden_states")
         model.disable_cuda_graphs()
+
+
+def test_a_direct_runner_captures_again_after_the_weights_move():
+    """A CudaGraphs made directly (not the model's own runner, which _apply clears) must not replay graphs
+    that read the old weight addresses: casting there and back, or load_state_dict(assign=True), gives the
+    same key but new tensors. A plain load_state_dict copies in place: the graphs stay valid."""
+    model = small_model()
+    capture = CountingCapture()
+    graphs = CudaGraphs(model, capture=capture)
+    x = pixels(1, 11)
+    graphs(x)
+    generation = model.weights_generation
+    model.double().float()
+    assert model.weights_generation > generation
+    assert_same_outputs(graphs(x), model(x))
+    assert capture.captures == 2 and len(graphs) == 1  # the stale graph dropped, not kept beside the new one
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(state)  # copies in place
+    graphs(x)
+    assert capture.captures == 2
+    state["norm_weight"] += 1.0
+    model.load_state_dict(state, assign=True)  # new tensors
+    assert model.norm_weight.data_ptr() == state["norm_weight"].data_ptr()
+    assert_same_outputs(graphs(x), model(x))
+    assert capture.captures == 3

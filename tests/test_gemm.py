@@ -285,6 +285,15 @@ def test_gemm_empty_and_invalid():
     x = torch.randn(4, 16).half()
     with pytest.raises(ValueError):
         G.gemm(x, torch.randn(16, 16).half(), residual=x, out=x)  # out aliases an input
+    meta = dict(device="meta", dtype=torch.float16)
+    for name, kwargs in [("weight", {}), ("bias", {"bias": torch.empty(16, **meta)}),
+                         ("scale", {"scale": torch.empty(16, **meta)}),
+                         ("residual", {"residual": torch.empty(4, 16, **meta)}),
+                         ("out", {"out": torch.empty(4, 16, **meta)}),
+                         ("ln_weight", {"ln": (torch.empty(32, **meta), torch.ones(32).half(), 1e-6)})]:
+        weight = torch.empty(16, 32, **meta) if name == "weight" else w
+        with pytest.raises(ValueError, match=f"a is on cpu but {name} on meta"):  # before any launch
+            G.gemm(torch.randn(4, 32).half(), weight, **kwargs)
 
 
 AOT_SCRIPT = """

@@ -216,6 +216,48 @@ def test_cuda_graph_replay_equals_eager_gpu(preset, masking):
     assert torch.equal(fp32_input, x1)
 
 
+def small_triton_model(device: str) -> EomtFastForUniversalSegmentation:
+    hf = random_hf_model(seed=11, dtype=torch.float32, attn_mask_probs=[1.0, 0.0], **TEST_CONFIGS["small_r4"])
+    return EomtFastForUniversalSegmentation.from_hf(hf, backend="triton").to(device)
+
+
+@pytest.mark.gpu
+def test_direct_runner_recaptures_after_the_weights_move_gpu():
+    """A CudaGraphs made directly survives the model's .cpu().cuda(): same key, new weight addresses; its
+    replay must read the new weights (a stale graph would read freed memory: garbage or a fault)."""
+    from eomt_fast.cuda_graphs import CudaGraphs
+
+    model = small_triton_model("cuda")
+    graphs = CudaGraphs(model)
+    x = torch.randn(1, 3, 64, 64, device="cuda")
+    assert_identical(graphs(x), model(x), "capture")
+    model.cpu().cuda()
+    torch.cuda.empty_cache()
+    with torch.no_grad():
+        model.norm_weight.mul_(2.0)  # new values too: a replay of the old graph could not give these
+    assert_identical(graphs(x), model(x), "after .cpu().cuda()")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_model_on_a_device_that_is_not_current_gpu():
+    """Triton launches on the current device: a model on cuda:1 while cuda:0 is current must still run its
+    kernels (and its CUDA graphs) on cuda:1, with the result of the same model on cuda:0 (fp32)."""
+    reference = small_triton_model("cuda:0")
+    other = small_triton_model("cuda:1")
+    graphed = small_triton_model("cuda:1")
+    graphed.enable_cuda_graphs()
+    x = torch.randn(2, 3, 64, 64, device="cuda:0")
+    torch.cuda.set_device(0)
+    expected = reference(x)
+    for model in (other, graphed):
+        got = model(x.to("cuda:1"))
+        assert torch.cuda.current_device() == 0 and got.masks_queries_logits.device == torch.device("cuda:1")
+        for name in OUTPUTS:  # each device autotunes on its own: tiles, and so roundings, may differ
+            torch.testing.assert_close(getattr(got, name).cpu(), getattr(expected, name).cpu(),
+                                       rtol=1e-4, atol=1e-4, msg=name)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("masking", [False, True], ids=["unmasked", "masked"])
 def test_compile_equals_eager_gpu(masking):

@@ -105,3 +105,59 @@ def test_works_without_triton():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stdout + result.stderr
+
+
+def _launches(node) -> bool:
+    """Whether a function's body launches a Triton kernel: a call of a subscript, kernel[grid](...)."""
+    import ast
+
+    return any(isinstance(n, ast.Call) and isinstance(n.func, ast.Subscript) for n in ast.walk(node))
+
+
+def test_every_kernel_launcher_runs_on_its_inputs_device():
+    """Triton launches on the current CUDA device, not the arguments': each host function that launches a
+    kernel is decorated with on_input_device (a model on cuda:1 while cuda:0 is current). Checked on the
+    source, so that a new launcher without it fails here, not only on a machine with two GPUs."""
+    import ast
+
+    root = Path(eomt_fast.kernels.__file__).parent
+    launchers, undecorated = [], []
+    for path in sorted(root.glob("*.py")):
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.FunctionDef) and _launches(node):
+                launchers.append(node.name)
+                names = {d.id for d in node.decorator_list if isinstance(d, ast.Name)}
+                if "on_input_device" not in names:
+                    undecorated.append(f"{path.name}:{node.lineno} {node.name}")
+    assert len(launchers) >= 8 and not undecorated, undecorated
+
+
+def test_device_of_makes_a_cuda_tensors_device_current(monkeypatch):
+    import torch
+
+    from eomt_fast.kernels import _triton
+
+    entered = []
+
+    class FakeDevice:
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            entered.append(self.device)
+
+        def __exit__(self, *exc):
+            entered.append("exit")
+
+    class FakeCudaTensor:
+        is_cuda = True
+        device = torch.device("cuda", 1)
+
+    monkeypatch.setattr(torch.cuda, "device", FakeDevice)
+    seen = []
+    launch = _triton.on_input_device(lambda first, *args, **kwargs: seen.append((first, args, kwargs)) or "out")
+    tensor = FakeCudaTensor()
+    assert launch(tensor, 2, k=3) == "out" and seen == [(tensor, (2,), {"k": 3})]
+    assert entered == [torch.device("cuda", 1), "exit"]
+    entered.clear()
+    assert launch(torch.zeros(1)) == "out" and entered == []  # off CUDA: nothing made current
