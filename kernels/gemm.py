@@ -180,8 +180,11 @@ def _tuned_kernel(glu: bool, ln_prologue: bool, fp32: bool, view_4d: bool, resto
     in-place residual update would otherwise be applied once per run)."""
     configs = [triton.Config(c.meta(), num_warps=c.num_warps, num_stages=c.num_stages)
                for c in gemm_configs(glu, ln_prologue, fp32, view_4d)]
-    return triton.autotune(configs=configs, key=["M", "N", "K", "SPLIT_K", "ACTIVATION", "HAS_RESIDUAL"],
-                           restore_value=["Out"] if restore_out else None)(_gemm_kernel)
+    # every flag that changes the compiled code is in the key: variants (a bias or not, row-split or aligned
+    # operands) differ in registers and memory traffic, so each gets its own tuned tile
+    key = ["M", "N", "K", "SPLIT_K", "ACTIVATION", "HAS_RESIDUAL", "HAS_BIAS", "HAS_SCALE", "SPLIT_ROWS",
+           "A_SPLIT_ROWS", "ALIGNED", "OUT_ALIGNED"]
+    return triton.autotune(configs=configs, key=key, restore_value=["Out"] if restore_out else None)(_gemm_kernel)
 
 
 # ---- building blocks (@triton.jit functions other kernels can call) ----------------------------------
