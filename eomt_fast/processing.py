@@ -38,6 +38,7 @@ split differently). What changes is how much is computed and when the host waits
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -285,6 +286,14 @@ def _per_channel(value: float | Sequence[float]) -> tuple[float, float, float]:
     return values
 
 
+@functools.lru_cache(maxsize=64)
+def device_constant(values: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small read-only tensor of ``values`` on ``device``, made once: ``torch.tensor(list, device=cuda)``
+    is a blocking host-to-device copy (a sync per call). Callers never write it."""
+    with torch.inference_mode(False):  # usable outside inference mode too
+        return torch.tensor(values, dtype=dtype, device=device)
+
+
 def _chunk(total_per_item: int, max_elements: int) -> int:
     return max(1, max_elements // max(1, total_per_item))
 
@@ -436,8 +445,8 @@ class EomtFastImageProcessor:
             # and integer x that is exactly float32 x / 255 (checked for all 256 values), no float64 needed.
             x = x.div_(255) if self.rescale_factor == 1 / 255 else x.double().mul_(self.rescale_factor).float()
         if self.do_normalize:  # then (x - mean) / std in float32, as transformers
-            x = x.sub_(torch.tensor(self.image_mean, dtype=torch.float32, device=device)[:, None, None])
-            x = x.div_(torch.tensor(self.image_std, dtype=torch.float32, device=device)[:, None, None])
+            x = x.sub_(device_constant(tuple(self.image_mean), torch.float32, torch.device(device))[:, None, None])
+            x = x.div_(device_constant(tuple(self.image_std), torch.float32, torch.device(device))[:, None, None])
         pixel_values = x
         return PreprocessedImages(pixel_values.to(dtype), patch_offsets, target_sizes)
 
@@ -489,7 +498,7 @@ class EomtFastImageProcessor:
         keep = labels.ne(num_labels) & (scores > threshold)  # tensor > float: compared in the logits' dtype
         kept = keep.cpu()  # the one sync of the batch
         fuse = sorted({int(c) for c in (stuff_classes or ())} | {int(c) for c in (label_ids_to_fuse or ())})
-        fuse_tensor = torch.tensor(fuse, dtype=labels.dtype, device=labels.device)
+        fuse_tensor = device_constant(tuple(fuse), labels.dtype, labels.device)
         results = []
         for i, target in enumerate(sizes):
             index = kept[i].nonzero()[:, 0].to(masks.device, non_blocking=True)
@@ -533,7 +542,9 @@ class EomtFastImageProcessor:
         # A stuff class's queries form one segment with the id of its first valid query; every other
         # valid query starts a segment. Ids count segment starts in query order.
         order = torch.arange(count, device=device)
-        key = torch.where(torch.isin(labels, fuse), labels, labels.new_full((), -1) - order)
+        # (labels == each fused class).any(): torch.isin sorts (two syncs on CUDA) from about 20 classes on
+        is_fused = (labels[:, None] == fuse[None, :]).any(1)
+        key = torch.where(is_fused, labels, labels.new_full((), -1) - order)
         same = (key[:, None] == key[None, :]) & valid[None, :]
         first = torch.where(same, order[None, :], count).amin(1)
         starts = valid & (first == order)

@@ -118,14 +118,18 @@ def distributed_env() -> tuple[int, int, int]:
 
 
 def pick_device(requested: str | None, local_rank: int, world: int) -> torch.device:
-    """--device, else cuda:LOCAL_RANK when CUDA is present, else the CPU. A bare "cuda" under torchrun
-    becomes cuda:LOCAL_RANK."""
+    """--device, else cuda:LOCAL_RANK when CUDA is present, else the CPU. A bare "cuda" becomes
+    cuda:LOCAL_RANK under torchrun, else the current CUDA device (always with an index:
+    torch.cuda.set_device refuses a bare "cuda")."""
     if requested is None:
         return torch.device(f"cuda:{local_rank % max(1, torch.cuda.device_count())}" if torch.cuda.is_available()
                             else "cpu")
     device = torch.device(requested)
-    if device.type == "cuda" and device.index is None and world > 1:
-        device = torch.device("cuda", local_rank)
+    if device.type == "cuda" and device.index is None:
+        if world > 1:
+            device = torch.device("cuda", local_rank)
+        else:
+            device = torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_available() else 0)
     return device
 
 
@@ -486,7 +490,7 @@ def run(args: argparse.Namespace) -> int:
                 results = post_process(outputs, inputs.target_sizes)
             for (item, photo), result in zip(batch, results):
                 labels = result if args.task == "semantic" else result["segmentation"]
-                labels = labels.to("cpu", torch.int32).numpy()  # one device-to-host copy per image
+                labels = labels.to(torch.int32).cpu().numpy()  # one device-to-host copy per image, int32
                 writes.append((item, writers.submit(finish, item, photo, result, labels)))
             batch.clear()
             reap(block=len(writes) > 4 * batch_size)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -62,25 +63,34 @@ except ImportError:  # pragma: no cover - exercised by tests/test_package.py in 
 F = TypeVar("F", bound=Callable)
 
 
-def device_of(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
+def device_of(tensor: torch.Tensor | None) -> contextlib.AbstractContextManager:
     """The CUDA device of ``tensor`` made current for the block (a no-op off CUDA and when it already is).
 
     Triton launches on the *current* CUDA device and its current stream, whatever device the arguments
     are on; PyTorch's own ops follow their tensors. Without this, a model on cuda:1 used while cuda:0 is
     current would run its kernels on cuda:0 with cuda:1 pointers."""
-    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+    return torch.cuda.device(tensor.device) if getattr(tensor, "is_cuda", False) else contextlib.nullcontext()
 
 
 def on_input_device(launcher: F) -> F:
     """Decorates a host function that launches Triton kernels: they run on its first argument's device
     (see ``device_of``). ``tests/test_package.py`` checks that every launching function carries it."""
+    first = next(iter(inspect.signature(launcher).parameters))
 
     @functools.wraps(launcher)
-    def launch(first, *args, **kwargs):
-        with device_of(first):
-            return launcher(first, *args, **kwargs)
+    def launch(*args, **kwargs):
+        with device_of(args[0] if args else kwargs.get(first)):  # not a tensor: the launcher's checks say so
+            return launcher(*args, **kwargs)
 
     return launch  # type: ignore[return-value]
 
 
-__all__ = ["HAS_TRITON", "LAUNCH_OPTIONS", "device_of", "on_input_device", "tl", "triton"]
+def check_devices(name: str, tensor: torch.Tensor, **others: torch.Tensor | None) -> None:
+    """ValueError unless every tensor of ``others`` (None: absent) is on ``tensor``'s device. A kernel given a
+    pointer to another GPU's memory would read it across the bus, or fault and lose the CUDA context."""
+    for other_name, other in others.items():
+        if other is not None and other.device != tensor.device:
+            raise ValueError(f"{name} is on {tensor.device} but {other_name} on {other.device}")
+
+
+__all__ = ["HAS_TRITON", "LAUNCH_OPTIONS", "check_devices", "device_of", "on_input_device", "tl", "triton"]

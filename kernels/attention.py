@@ -12,7 +12,7 @@ import os
 
 import torch
 import torch.nn.functional as F
-from ._triton import LAUNCH_OPTIONS, on_input_device, tl, triton  # Triton, or a stand-in without it
+from ._triton import LAUNCH_OPTIONS, check_devices, on_input_device, tl, triton  # Triton, or a stand-in without it
 
 
 def expand_query_patch_mask(query_patch_mask: torch.Tensor, seq_len: int, patch_start: int) -> torch.Tensor:
@@ -446,6 +446,7 @@ def masked_attention_fwd(
     batch, seq_len, hidden, head_dim = _check_inputs(qkv, num_heads, query_patch_mask, patch_start)
     if qkv.device.type != "cuda" and not _INTERPRETING:
         raise RuntimeError(f"masked_attention runs on CUDA (or in Triton's interpreter), qkv is on {qkv.device}")
+    check_devices("qkv", qkv, out=out)
     if out is None:
         out = torch.empty((batch, seq_len, hidden), dtype=qkv.dtype, device=qkv.device)
     elif out.shape != (batch, seq_len, hidden) or out.dtype != qkv.dtype or out.stride(-1) != 1:

@@ -68,7 +68,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from ._triton import LAUNCH_OPTIONS, on_input_device, tl, triton  # Triton, or a stand-in without it
+from ._triton import LAUNCH_OPTIONS, check_devices, on_input_device, tl, triton  # Triton, or a stand-in without it
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -655,12 +655,8 @@ def gemm(
         raise ValueError(f"a must be 2-D or 3-D and weight 2-D, got {tuple(a.shape)} and {tuple(weight.shape)}")
     if a.dtype not in _DTYPES or weight.dtype != a.dtype:
         raise TypeError(f"a and weight must share one of fp16/bf16/fp32, got {a.dtype} and {weight.dtype}")
-    others = {"weight": weight, "bias": bias, "scale": scale, "residual": residual, "out": out}
-    if ln is not None:
-        others.update(ln_weight=ln[0], ln_bias=ln[1])
-    for name, t in others.items():
-        if t is not None and t.device != a.device:
-            raise ValueError(f"a is on {a.device} but {name} on {t.device}")
+    check_devices("a", a, weight=weight, bias=bias, scale=scale, residual=residual, out=out,
+                  ln_weight=ln[0] if ln is not None else None, ln_bias=ln[1] if ln is not None else None)
     a = as_rows(a)  # 2-D when its rows are evenly strided, else a row-split 3-D view (never a copy)
     m, k = _num_rows(a), a.shape[-1]
     rows_w = weight.shape[0]

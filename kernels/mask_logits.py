@@ -62,7 +62,7 @@ import functools  # noqa: E402
 import os  # noqa: E402
 
 from . import gemm as _gemm  # noqa: E402
-from ._triton import LAUNCH_OPTIONS, on_input_device, tl, triton  # noqa: E402  (Triton, or a stand-in)
+from ._triton import LAUNCH_OPTIONS, check_devices, on_input_device, tl, triton  # noqa: E402  (Triton, or a stand-in)
 from .gemm import grouped_tile  # noqa: E402
 
 _INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -182,6 +182,7 @@ def _check(mask_embeddings: torch.Tensor, pixel_embeddings: torch.Tensor) -> Non
                         f"and {pixel_embeddings.dtype}")
     if mask_embeddings.device.type != "cuda" and not _INTERPRETING:
         raise RuntimeError(f"the mask kernels run on CUDA (or in Triton's interpreter), got {mask_embeddings.device}")
+    check_devices("mask_embeddings", mask_embeddings, pixel_embeddings=pixel_embeddings)
 
 
 def mask_logits_forward(mask_embeddings: torch.Tensor, pixel_embeddings: torch.Tensor, *,
@@ -230,6 +231,7 @@ def grid_attention_mask_forward(mask_embeddings: torch.Tensor, pixel_embeddings:
         out = torch.empty(shape, dtype=torch.bool, device=mask_embeddings.device)
     elif tuple(out.shape) != shape or out.dtype != torch.bool:
         raise ValueError(f"out must be a bool tensor of shape {shape}, got {out.dtype} {tuple(out.shape)}")
+    check_devices("mask_embeddings", mask_embeddings, out=out)
     rows, cols = grid_sampling(height, grid_size), grid_sampling(width, grid_size)
     if rows is None or cols is None:
         return out.copy_(grid_attention_mask_ref(mask_embeddings, pixel_embeddings, grid_size))

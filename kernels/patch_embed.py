@@ -51,7 +51,7 @@ import functools  # noqa: E402
 import os  # noqa: E402
 
 from . import gemm as _gemm  # noqa: E402
-from ._triton import LAUNCH_OPTIONS, on_input_device, tl, triton  # noqa: E402  (Triton, or a stand-in)
+from ._triton import LAUNCH_OPTIONS, check_devices, on_input_device, tl, triton  # noqa: E402  (Triton, or a stand-in)
 from .gemm import grouped_tile, split_columns  # noqa: E402
 
 _INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -200,6 +200,8 @@ def patch_embed_forward(
                         f"{pixel_values.dtype}, {dtype}, {bias.dtype}, {position_embeddings.dtype}")
     if pixel_values.device.type != "cuda" and not _INTERPRETING:
         raise RuntimeError(f"patch_embed runs on CUDA (or in Triton's interpreter), got {pixel_values.device}")
+    check_devices("pixel_values", pixel_values, weight=weight, bias=bias, position_embeddings=position_embeddings,
+                  out=out)
     if out is None:
         out = torch.empty((batch, num_patches, hidden), dtype=dtype, device=pixel_values.device)
     elif tuple(out.shape) != (batch, num_patches, hidden) or out.dtype != dtype:

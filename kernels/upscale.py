@@ -63,7 +63,7 @@ import functools  # noqa: E402
 import os  # noqa: E402
 
 from . import gemm as _gemm  # noqa: E402
-from ._triton import LAUNCH_OPTIONS, on_input_device, tl, triton  # noqa: E402  (Triton, or a stand-in)
+from ._triton import LAUNCH_OPTIONS, check_devices, on_input_device, tl, triton  # noqa: E402  (Triton, or a stand-in)
 from .gemm import apply_activation, grouped_tile, split_columns  # noqa: E402
 
 _INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -373,6 +373,8 @@ def upscale_block_forward(
         raise ValueError(f"at most {MAX_CHANNELS} channels (held in registers), got {c_out}")
     if x.device.type != "cuda" and not _INTERPRETING:
         raise RuntimeError(f"upscale runs on CUDA (or in Triton's interpreter), x is on {x.device}")
+    check_devices("x", x, convt_weight=convt_weight, convt_bias=convt_bias, dw_weight=dw_weight,
+                  ln_weight=ln_weight, ln_bias=ln_bias, out=out)
     shape = (batch, 2 * height, 2 * width, c_out)
     if out is not None and (tuple(out.shape) != shape or out.dtype != dtype):
         raise ValueError(f"out must be a {dtype} tensor of shape {shape}, got {out.dtype} {tuple(out.shape)}")

@@ -159,5 +159,9 @@ def test_device_of_makes_a_cuda_tensors_device_current(monkeypatch):
     tensor = FakeCudaTensor()
     assert launch(tensor, 2, k=3) == "out" and seen == [(tensor, (2,), {"k": 3})]
     assert entered == [torch.device("cuda", 1), "exit"]
+    seen.clear()
+    entered.clear()
+    assert launch(first=tensor, k=3) == "out" and seen == [(tensor, (), {"k": 3})]  # the first one by keyword
+    assert entered == [torch.device("cuda", 1), "exit"]
     entered.clear()
     assert launch(torch.zeros(1)) == "out" and entered == []  # off CUDA: nothing made current

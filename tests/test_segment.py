@@ -188,6 +188,8 @@ def test_distributed_environment_and_device(monkeypatch):
     assert segment.distributed_env() == (3, 4, 1)
     assert segment.pick_device("cpu", 1, 4) == torch.device("cpu")
     assert segment.pick_device("cuda", 1, 4) == torch.device("cuda", 1)
+    assert segment.pick_device("cuda:1", 0, 1) == torch.device("cuda", 1)
+    assert segment.pick_device("cuda", 0, 1).index is not None  # torch.cuda.set_device needs one
     if not torch.cuda.is_available():
         assert segment.pick_device(None, 1, 4) == torch.device("cpu")
     monkeypatch.setenv("RANK", "4")
