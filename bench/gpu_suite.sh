@@ -9,10 +9,12 @@
 # shape, so a cut step keeps what it timed). Results merge into bench/results/<date>_<device>.json (.md,
 # .png); logs go to bench/results/<date>_<device>_<step>.log. Run the steps one command each:
 #
-#   first-look     for a session with only minutes of GPU time (one command, the first to run): the GPU
-#                  tests as in `tests` (cut at half the step's time, slowest 25 listed), then eomt-fast bench
-#                  on EoMT-L/640, bf16, masking off, batch 1 and 8: eomt_fast, eomt_fast with CUDA graphs and
-#                  transformers-sdpa, 3 s of timing each (what is left of the step's time); then, while at
+#   first-look     for a session with only minutes of GPU time (one command, the first to run; all of it,
+#                  install included, within FIRST_LOOK_TIMEOUT s of the script's start, default 480, and
+#                  copied to $OUT after each command): the GPU tests as in `tests` (cut at half that time,
+#                  slowest 25 listed), then eomt-fast bench on EoMT-L/640, bf16, masking off, batch 1 and 8:
+#                  eomt_fast, eomt_fast with CUDA graphs and transformers-sdpa, each timed by do_bench (25
+#                  calls or more, at most 5 s; --budget counts on CPUs only), in what is left; then, while at
 #                  least 60 s are left, cut where the time ends: mlp and linear without torch.compile (seconds
 #                  a shape), then mlp with it (max-autotune compiles for minutes)
 #   tests          pytest -m gpu (the GPU tests) except tests/test_model_gpu.py, log only (8 processes, each
@@ -66,6 +68,10 @@ cd "$(dirname "$0")/.."
 
 PY=${PYTHON:-python3}
 STEP_TIMEOUT=${STEP_TIMEOUT:-570}
+# first-look's whole run, install included, counted from the script's start: under the device's 600 s limit
+# with room for a pytest's SIGKILL grace (30 s) and the copies to $OUT
+FIRST_LOOK_TIMEOUT=${FIRST_LOOK_TIMEOUT:-480}
+export PYTHONUNBUFFERED=1  # a command cut by timeout keeps the end of its log
 KERNEL_FILTER=${KERNEL_FILTER-eomt-l-640}
 STEPS=("$@")
 [ ${#STEPS[@]} -eq 0 ] && STEPS=(all)
@@ -128,11 +134,31 @@ with_what_is_left() {
     echo "--- at most $left s: $*"
     timeout "$left" "$@"
     echo "--- exit $?: $*"
+    sync_out
+}
+
+# the seconds left of the step's time up to the fraction $1/$2 of it (default all), at least 1 (`timeout 0`
+# would mean no limit)
+seconds_left() {
+    local left=$((STEP_TIMEOUT * ${1:-1} / ${2:-1} - (SECONDS - step_start)))
+    echo $((left < 1 ? 1 : left))
+}
+
+# the lent machine returns only what is under $OUT, and nothing of a command cut at its limit that had not
+# been copied there yet: first-look copies after each of its commands, every step at its end
+sync_out() {
+    if [ -n "${OUT:-}" ]; then
+        mkdir -p "$OUT/bench/results"
+        cp "bench/results/$("$PY" bench/harness.py slug)"* "$OUT/bench/results/" 2>/dev/null
+    fi
+    return 0
 }
 
 install() {
     [ -n "${SKIP_INSTALL:-}" ] && return 0
-    "$PY" -m pip install --quiet --no-deps --no-build-isolation -e . || { echo "install failed" >&2; exit 2; }
+    # no network there: --no-index, and no version check (its retries against PyPI would cost the run time)
+    "$PY" -m pip install --quiet --no-index --disable-pip-version-check --no-deps --no-build-isolation -e . \
+        || { echo "install failed" >&2; exit 2; }
 }
 
 run_step() {
@@ -140,14 +166,21 @@ run_step() {
     log="bench/results/$("$PY" bench/harness.py slug)_${step}.log"
     echo "=== $step -> $log"
     step_start=$SECONDS
+    local STEP_TIMEOUT=$STEP_TIMEOUT
+    if [ "$step" = first-look ]; then  # its time counts from the script's start (the install included)
+        step_start=0
+        STEP_TIMEOUT=$FIRST_LOOK_TIMEOUT
+    fi
     {
         case $step in
-            first-look)  timeout "${INT[@]}" $((STEP_TIMEOUT / 2)) "$PY" "${GPU_TESTS[@]}" --durations 25
+            first-look)  timeout "${INT[@]}" "$(seconds_left 1 2)" "$PY" "${GPU_TESTS[@]}" --durations 25
                          first=$?
-                         timeout $((STEP_TIMEOUT - (SECONDS - step_start))) "$PY" "${CLI[@]}" bench --dtype bfloat16 \
+                         sync_out
+                         timeout "$(seconds_left)" "$PY" "${CLI[@]}" bench --dtype bfloat16 \
                              --masking off --model eomt-l-640 --batch 1 8 --budget 3 \
                              --impls eomt_fast eomt_fast-cuda-graphs transformers-sdpa
                          second=$?
+                         sync_out
                          with_what_is_left "$PY" bench/bench_layernorm_mlp.py "${KERNEL_ARGS[@]}" --no-compile
                          with_what_is_left "$PY" bench/bench_linear.py "${KERNEL_ARGS[@]}" --no-compile
                          with_what_is_left "$PY" bench/bench_layernorm_mlp.py "${KERNEL_ARGS[@]}"
@@ -176,10 +209,7 @@ run_step() {
     } 2>&1 | tee "$log"
     rc=${PIPESTATUS[0]}
     echo "=== $step: exit $rc after $((SECONDS - step_start)) s" | tee -a "$log"
-    if [ -n "${OUT:-}" ]; then  # the lent machine returns only what is under $OUT
-        mkdir -p "$OUT/bench/results"
-        cp "bench/results/$("$PY" bench/harness.py slug)"* "$OUT/bench/results/" 2>/dev/null
-    fi
+    sync_out
     return "$rc"
 }
 

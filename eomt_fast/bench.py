@@ -44,7 +44,7 @@ from typing import Any
 import torch
 
 from .config import EomtFastConfig
-from .model import EomtFastForUniversalSegmentation, parse_dtype
+from .model import EomtFastForUniversalSegmentation, indexed_device, parse_dtype
 
 # ---- model shapes ----------------------------------------------------------------------------------
 # The released EoMT models (eomt-reference.md): DINOv2 ViT with 4 registers, patch 16, 200 queries,
@@ -287,7 +287,7 @@ def _setup(args: argparse.Namespace):
     """What both modes start from: the harness, device, dtype (bf16 on CUDA, fp32 on a CPU), thread count,
     and the model config with its name in the results."""
     harness = load_harness()
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = indexed_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":  # the timers (events, do_bench) and synchronize work on the current device
         torch.cuda.set_device(device)
     dtype = parse_dtype(args.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)

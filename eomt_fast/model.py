@@ -40,6 +40,15 @@ _DTYPES = {
 }
 
 
+def indexed_device(device: torch.device | str) -> torch.device:
+    """``device`` as a torch.device; a bare "cuda" gets the current CUDA device's index (0 without CUDA), as
+    torch.cuda.set_device and the timers that work on one device need."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_available() else 0)
+    return device
+
+
 def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     """None, a torch floating dtype, or its name ("bfloat16", "bf16", "float32", ...)."""
     if dtype is None or isinstance(dtype, torch.dtype) and dtype in _DTYPES.values():

@@ -124,13 +124,12 @@ def pick_device(requested: str | None, local_rank: int, world: int) -> torch.dev
     if requested is None:
         return torch.device(f"cuda:{local_rank % max(1, torch.cuda.device_count())}" if torch.cuda.is_available()
                             else "cpu")
+    from .model import indexed_device
+
     device = torch.device(requested)
-    if device.type == "cuda" and device.index is None:
-        if world > 1:
-            device = torch.device("cuda", local_rank)
-        else:
-            device = torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_available() else 0)
-    return device
+    if device.type == "cuda" and device.index is None and world > 1:
+        return torch.device("cuda", local_rank)
+    return indexed_device(device)
 
 
 def read_image(path: Path) -> np.ndarray:

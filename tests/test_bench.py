@@ -406,7 +406,17 @@ exit 0
 """
 
 
-def run_gpu_suite(tmp_path, *steps, has_xdist=True, has_timeout=True, step_timeout=570):
+FAKE_TIMEOUT = """#!/bin/sh
+# stands in for timeout(1): records its options and duration, then runs the command
+echo "$*" | cut -d' ' -f1-5 >> "$TIMEOUTS"
+while [ "${1#-}" != "$1" ]; do shift 2; done
+shift
+exec "$@"
+"""
+
+
+def run_gpu_suite(tmp_path, *steps, has_xdist=True, has_timeout=True, step_timeout=570, first_look_timeout=480,
+                  out=None):
     """bench/gpu_suite.sh copied into tmp_path/bench and run there with a fake python: (rc, stderr, the
     python calls it made)."""
     import shutil
@@ -419,9 +429,14 @@ def run_gpu_suite(tmp_path, *steps, has_xdist=True, has_timeout=True, step_timeo
     fake.chmod(0o755)
     calls = tmp_path / "calls.txt"
     calls.unlink(missing_ok=True)
-    env = {"PATH": "/usr/bin:/bin", "PYTHON": str(fake), "SKIP_INSTALL": "1", "CALLS": str(calls),
+    fake_timeout = tmp_path / "bin" / "timeout"  # records its arguments, then runs the command uncut
+    fake_timeout.parent.mkdir(exist_ok=True)
+    fake_timeout.write_text(FAKE_TIMEOUT)
+    fake_timeout.chmod(0o755)
+    env = {"PATH": f"{fake_timeout.parent}:/usr/bin:/bin", "PYTHON": str(fake), "TIMEOUTS": str(tmp_path / "timeouts.txt"), "SKIP_INSTALL": "1", "CALLS": str(calls),
            "HAS_XDIST": "0" if has_xdist else "1", "HAS_TIMEOUT": "0" if has_timeout else "1",
-           "STEP_TIMEOUT": str(step_timeout)}
+           "STEP_TIMEOUT": str(step_timeout), "FIRST_LOOK_TIMEOUT": str(first_look_timeout),
+           **({"OUT": str(out)} if out is not None else {})}
     proc = subprocess.run(["bash", str(tmp_path / "bench" / "gpu_suite.sh"), *steps], env=env,
                           capture_output=True, text=True, timeout=60)
     return proc.returncode, proc.stderr, calls.read_text().splitlines() if calls.exists() else []
@@ -455,13 +470,58 @@ def test_gpu_suite_refuses_an_unknown_step_before_running_anything(tmp_path):
 def test_gpu_suite_first_look_fills_what_is_left_with_kernel_benchmarks(tmp_path):
     """first-look: the GPU tests, the EoMT-L/640 model benchmark, then while at least 60 s of the step are left
     the MLP and linear kernel benchmarks without torch.compile and the MLP one with it."""
-    rc, err, calls = run_gpu_suite(tmp_path, "first-look")
+    out = tmp_path / "out"
+    rc, err, calls = run_gpu_suite(tmp_path, "first-look", out=out)
     assert rc == 0, err
+    assert [p.name for p in (out / "bench" / "results").iterdir()] == ["fake-device_first-look.log"]
     runs = [c for c in calls if not c.startswith(("-c ", "bench/harness.py"))]
     assert [c.split(" --")[0] for c in runs] == [
         "-P -m pytest -m gpu -q -rfEs -n 8", "-P -m eomt_fast.cli bench", "bench/bench_layernorm_mlp.py",
         "bench/bench_linear.py", "bench/bench_layernorm_mlp.py"]
     assert runs[2].endswith("--filter eomt-l-640 --no-compile") and runs[4].endswith("--filter eomt-l-640")
-    rc, err, calls = run_gpu_suite(tmp_path, "first-look", step_timeout=50)  # under 60 s left: no extras
+    rc, err, calls = run_gpu_suite(tmp_path, "first-look", first_look_timeout=50)  # under 60 s left: no extras
     assert rc == 0, err
     assert not any(c.startswith("bench/bench_") for c in calls)
+
+
+def test_gpu_suite_first_look_copies_to_out_after_each_command_and_counts_from_the_start(tmp_path):
+    """A command cut at the device's limit returns only what is under $OUT: first-look copies there after
+    each of its commands (the log so far), and its time counts from the script's start, install included."""
+    script = (BENCH_DIR / "gpu_suite.sh").read_text()
+    body = script[script.index("first-look)  timeout"):script.index("tests)       timeout")]
+    assert body.count("sync_out") == 2 and "with_what_is_left" in body  # + one in with_what_is_left itself
+    assert "step_start=0" in script and 'STEP_TIMEOUT=$FIRST_LOOK_TIMEOUT' in script
+    # the timeouts first-look passes: half of its time for the tests, the rest for the model bench
+    rc, err, calls = run_gpu_suite(tmp_path, "first-look", first_look_timeout=100)
+    assert rc == 0, err
+    durations = []
+    for line in (tmp_path / "timeouts.txt").read_text().splitlines():
+        words = line.split()
+        while words[0].startswith("-"):
+            words = words[2:]
+        durations.append(int(words[0]))
+    assert len(durations) == 5 and 45 <= durations[0] <= 50  # the tests: half, from the start
+    assert all(90 <= d <= 100 for d in durations[1:]), durations  # the rest: what is left of 100 s
+
+
+class _SetDevice(BaseException):  # not an Exception: the command's own error handling lets it through
+    pass
+
+
+def test_a_bare_cuda_device_gets_an_index_before_set_device(monkeypatch):
+    """--device cuda (or the default on a GPU machine): torch.cuda.set_device refuses a device without an
+    index, so both the model bench and the kernel scripts resolve one first (checked on the CPU by catching
+    the set_device call; a bare "cuda" there made every benchmark exit at once)."""
+    calls = []
+
+    def set_device(device):
+        calls.append(device)
+        raise _SetDevice
+
+    monkeypatch.setattr(torch.cuda, "set_device", set_device)
+    with pytest.raises(_SetDevice):
+        cli.main([*TINY, "--device", "cuda", "--no-write"])
+    with pytest.raises(_SetDevice):
+        harness.run_kernel_benchmark([], harness.kernel_arg_parser("test").parse_args(["--device", "cuda"]))
+    assert len(calls) == 2 and all(torch.device(d).type == "cuda" and torch.device(d).index is not None
+                                   for d in calls)
