@@ -146,7 +146,8 @@ class CudaGraphs:
         patch_offsets: list[torch.Tensor] | None = None,
         generator: torch.Generator | None = None,
     ) -> EomtFastOutput:
-        """The model's forward (same arguments and outputs), replayed from the graph of this input's key."""
+        """The model's forward replayed from the graph of this input's key: its outputs; pixel_values,
+        patch_offsets (passed through) and generator as the model's forward takes them by keyword."""
         model = self.model
         model.check_pixel_values(pixel_values)
         if pixel_values.requires_grad:

@@ -445,8 +445,9 @@ class EomtFastImageProcessor:
             # and integer x that is exactly float32 x / 255 (checked for all 256 values), no float64 needed.
             x = x.div_(255) if self.rescale_factor == 1 / 255 else x.double().mul_(self.rescale_factor).float()
         if self.do_normalize:  # then (x - mean) / std in float32, as transformers
-            x = x.sub_(device_constant(tuple(self.image_mean), torch.float32, torch.device(device))[:, None, None])
-            x = x.div_(device_constant(tuple(self.image_std), torch.float32, torch.device(device))[:, None, None])
+            # x.device, with its index: a bare "cuda" would cache the constant on whichever device was current
+            x = x.sub_(device_constant(tuple(self.image_mean), torch.float32, x.device)[:, None, None])
+            x = x.div_(device_constant(tuple(self.image_std), torch.float32, x.device)[:, None, None])
         pixel_values = x
         return PreprocessedImages(pixel_values.to(dtype), patch_offsets, target_sizes)
 

@@ -69,7 +69,9 @@ def device_of(tensor: torch.Tensor | None) -> contextlib.AbstractContextManager:
     Triton launches on the *current* CUDA device and its current stream, whatever device the arguments
     are on; PyTorch's own ops follow their tensors. Without this, a model on cuda:1 used while cuda:0 is
     current would run its kernels on cuda:0 with cuda:1 pointers."""
-    return torch.cuda.device(tensor.device) if getattr(tensor, "is_cuda", False) else contextlib.nullcontext()
+    if not getattr(tensor, "is_cuda", False) or tensor.get_device() == torch.cuda.current_device():
+        return contextlib.nullcontext()  # the common case, checked without building a torch.cuda.device
+    return torch.cuda.device(tensor.device)
 
 
 def on_input_device(launcher: F) -> F:

@@ -218,7 +218,7 @@ def test_cuda_graph_replay_equals_eager_gpu(preset, masking):
 
 def small_triton_model(device: str) -> EomtFastForUniversalSegmentation:
     hf = random_hf_model(seed=11, dtype=torch.float32, attn_mask_probs=[1.0, 0.0], **TEST_CONFIGS["small_r4"])
-    return EomtFastForUniversalSegmentation.from_hf(hf, backend="triton").to(device)
+    return EomtFastForUniversalSegmentation.from_hf(hf.to(device), backend="triton")  # triton needs it on CUDA
 
 
 @pytest.mark.gpu

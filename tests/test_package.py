@@ -153,7 +153,12 @@ def test_device_of_makes_a_cuda_tensors_device_current(monkeypatch):
         is_cuda = True
         device = torch.device("cuda", 1)
 
+        def get_device(self) -> int:
+            return 1
+
+    current = [0]
     monkeypatch.setattr(torch.cuda, "device", FakeDevice)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current[0])
     seen = []
     launch = _triton.on_input_device(lambda first, *args, **kwargs: seen.append((first, args, kwargs)) or "out")
     tensor = FakeCudaTensor()
@@ -164,4 +169,6 @@ def test_device_of_makes_a_cuda_tensors_device_current(monkeypatch):
     assert launch(first=tensor, k=3) == "out" and seen == [(tensor, (), {"k": 3})]  # the first one by keyword
     assert entered == [torch.device("cuda", 1), "exit"]
     entered.clear()
+    current[0] = 1
+    assert launch(tensor) == "out" and entered == []  # already the current device: nothing to switch
     assert launch(torch.zeros(1)) == "out" and entered == []  # off CUDA: nothing made current
