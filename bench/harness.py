@@ -942,11 +942,10 @@ def run_kernel_benchmark(cases: list[KernelCase], args: argparse.Namespace) -> i
     Each output is checked against the reference (in fp32 for bf16/fp16) before it is timed.
     Returns 1 when an implementation gave a wrong result, else 0."""
     from eomt_fast import dispatch, kernels
-    from eomt_fast.model import indexed_device, parse_dtype
+    from eomt_fast.bench import benchmark_device
+    from eomt_fast.model import parse_dtype
 
-    device = indexed_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda":  # the timers (events, do_bench) and synchronize work on the current device
-        torch.cuda.set_device(device)
+    device = benchmark_device(args.device)
     dtype = parse_dtype(args.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)

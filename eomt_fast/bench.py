@@ -283,13 +283,21 @@ def _selected_impls(args: argparse.Namespace, device: torch.device) -> tuple[lis
     return names, notes
 
 
+def benchmark_device(requested: str | None) -> torch.device:
+    """--device (default: CUDA when present, else the CPU), with its index, made the current CUDA device: the
+    timers (events, do_bench) and synchronize work on the current device. For `eomt-fast bench` and the
+    kernel scripts alike."""
+    device = indexed_device(requested or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
+
+
 def _setup(args: argparse.Namespace):
     """What both modes start from: the harness, device, dtype (bf16 on CUDA, fp32 on a CPU), thread count,
     and the model config with its name in the results."""
     harness = load_harness()
-    device = indexed_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda":  # the timers (events, do_bench) and synchronize work on the current device
-        torch.cuda.set_device(device)
+    device = benchmark_device(args.device)
     dtype = parse_dtype(args.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -440,7 +440,7 @@ class EomtFastForUniversalSegmentation(nn.Module):
 
     def _note_weight_pointers(self) -> None:
         """Bump ``weights_generation`` when a parameter or buffer now lives at another address."""
-        if hasattr(self, "_weights_ptrs"):  # nn.Module.__init__'s own _apply calls come first
+        if hasattr(self, "_weights_ptrs"):  # not before __init__ has recorded the first addresses
             pointers = self._weight_pointers()
             if pointers != self._weights_ptrs:
                 self._weights_ptrs = pointers
@@ -586,8 +586,7 @@ class EomtFastForUniversalSegmentation(nn.Module):
     ) -> EomtFastOutput | tuple:
         """pixel_values (B, channels, image_size, image_size), normalised. The positional order is
         transformers' (pixel_values, mask_labels, class_labels, patch_offsets); the rest is keyword-only.
-        ``patch_offsets`` (from the image
-        processor's semantic sliding windows) is passed through. ``generator`` drives the random unmasking of
+        ``patch_offsets`` (from the image processor's semantic sliding windows) is passed through. ``generator`` drives the random unmasking of
         layers whose attn_mask_probs lies strictly between 0 and 1 (default: torch's global generator, as
         transformers; not with cuda_graphs, whose graphs draw from the default generator). The caller's
         pixel_values are never written.

@@ -398,8 +398,7 @@ def _check_inputs(qkv: torch.Tensor, num_heads: int, query_patch_mask: torch.Ten
             )
         if num_queries > patch_start:  # [Q queries | CLS | registers | patches]
             raise ValueError(f"{num_queries} query rows but the patches start at token {patch_start}")
-        if query_patch_mask.device != qkv.device:
-            raise ValueError(f"query_patch_mask is on {query_patch_mask.device}, qkv on {qkv.device}")
+        check_devices("qkv", qkv, query_patch_mask=query_patch_mask)
     return batch, seq_len, hidden, head_dim
 
 
