@@ -1,6 +1,6 @@
 """Ahead-of-time compilation of the Triton kernels for real GPUs, without one (``eomt-fast check-kernels``).
 
-Each kernel file in ``eomt_fast.kernels`` lists ``AOT_SPECS``: the kernels at the configurations the
+Each kernel file in ``eomt_fast.kernels`` has ``aot_specs()``: the kernels at the configurations the
 launcher uses on a GPU. Every spec is compiled for sm_80 (A100) and sm_90 (H100) with the ptxas that
 ships in the triton wheel, and its cubin's resource usage is read with cuobjdump: registers, stack
 (> 0 means register spills), shared memory, and on sm_90 whether the PTX uses wgmma. This checks that a
@@ -101,7 +101,7 @@ def all_specs() -> list[KernelSpec]:
     specs = []
     for module_name in KERNEL_MODULES:
         module = importlib.import_module(f"eomt_fast.kernels.{module_name}")
-        specs.extend(getattr(module, "AOT_SPECS", []))
+        specs.extend(module.aot_specs())
     return specs
 
 

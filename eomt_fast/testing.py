@@ -122,7 +122,7 @@ _AOT_SM90_SCRIPT = """
 import dataclasses, json
 from eomt_fast import aot
 from eomt_fast.kernels import {module}
-for spec in {module}.AOT_SPECS:
+for spec in {module}.aot_specs():
     if "fp16" not in spec.name:
         report = aot.compile_spec(spec, 90)
         print(json.dumps(dict(dataclasses.asdict(report), ok=report.ok, line=report.line())))
@@ -130,7 +130,7 @@ for spec in {module}.AOT_SPECS:
 
 
 def compile_aot_specs_sm90(module: str) -> list[dict[str, Any]]:
-    """Compile every non-fp16 ``AOT_SPECS`` entry of ``eomt_fast.kernels.<module>`` for sm_90 (no GPU needed)
+    """Compile every non-fp16 ``aot_specs()`` entry of ``eomt_fast.kernels.<module>`` for sm_90 (no GPU needed)
     and assert that each one is ok (no spills, wgmma where it needs it). Returns the reports as dicts: the
     ``CompileReport`` fields plus ``ok`` and ``line``."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

@@ -296,6 +296,7 @@ def _masked_attention_fwd_kernel(
     QKV,  # (B, S, 3*C) fused projection output, any strides; q | k | v, heads of HEAD_DIM inside each
     Out,  # (B, S, C) output, last dim contiguous
     Bits,  # (B, Q, n_words) int32 packed mask from _pack_mask_kernel (never read without HAS_MASK)
+    B,  # batch: not read by the kernel, an autotune key (the grid is B * H x S / BLOCK_M programs)
     S, H, Q, n_words,
     stride_qkv_b, stride_qkv_s, stride_qkv_c,
     stride_out_b, stride_out_s,
@@ -356,8 +357,11 @@ def _masked_attention_fwd_kernel(
              mask=(offs_m[:, None] < S) & (offs_d[None, :] < HEAD_DIM))
 
 
+# keyed on what sets the grid (B, H, S) and the work of a program (Q, HEAD_DIM, flags): batch 1 and batch 8
+# fill the SMs differently, so each gets its own tile
 _masked_attention_fwd_autotuned = triton.autotune(
-    configs=_configs(), key=["HEAD_DIM", "S", "HAS_MASK"], prune_configs_by={"early_config_prune": _prune_configs},
+    configs=_configs(), key=["B", "H", "S", "Q", "HEAD_DIM", "HAS_MASK", "ALIGNED"],
+    prune_configs_by={"early_config_prune": _prune_configs},
 )(_masked_attention_fwd_kernel)
 
 
@@ -461,7 +465,8 @@ def masked_attention_fwd(
         n_words = bits.shape[-1]
     else:  # HAS_MASK=False: Bits is never read
         bits, n_words = qkv, 0
-    args = (qkv, out, bits, seq_len, num_heads, num_queries, n_words, *qkv.stride(), out.stride(0), out.stride(1),
+    args = (qkv, out, bits, batch, seq_len, num_heads, num_queries, n_words, *qkv.stride(), out.stride(0),
+            out.stride(1),
             head_dim**-0.5 * math.log2(math.e))
     meta = dict(
         HEAD_DIM=head_dim,
@@ -531,10 +536,10 @@ TRITON_OPS = {"attention": masked_attention}
 AOT_CONFIGS = [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)]  # (BLOCK_M, BLOCK_N, warps, stages)
 
 
-def _aot_specs():
+def aot_specs():
     from eomt_fast.aot import KernelSpec
 
-    ints = ["S", "H", "Q", "n_words", "stride_qkv_b", "stride_qkv_s", "stride_out_b", "stride_out_s"]
+    ints = ["B", "S", "H", "Q", "n_words", "stride_qkv_b", "stride_qkv_s", "stride_out_b", "stride_out_s"]
     specs = []
     for short in ("bf16", "fp16"):
         for has_mask in (False, True):
@@ -563,10 +568,3 @@ def _aot_specs():
     ))
     return specs
 
-
-def __getattr__(name: str):
-    # AOT_SPECS is built on first access: eomt_fast.aot imports eomt_fast.dispatch, which imports this
-    # file, so importing KernelSpec while this module loads would be circular.
-    if name == "AOT_SPECS":
-        return _aot_specs()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

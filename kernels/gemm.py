@@ -23,7 +23,7 @@ Where the LayerNorm goes (``ln_mode``):
   the shared-memory load and the wgmma (register-sourced A operand), and it adds registers to a loop
   that is tensor-core bound. Published attempts report that prologue fusion often loses to epilogue
   fusion.
-  Both compile to wgmma without spills (``AOT_SPECS``; the prologue needs BLOCK_K 32 on its largest
+  Both compile to wgmma without spills (``aot_specs()``; the prologue needs BLOCK_K 32 on its largest
   tiles); the kernel count per layer is the same either way, so the choice is a speed question to
   measure on the GPU (``ln_mode=``, ``DEFAULT_LN_MODE``). "separate" is the default until then.
 
@@ -108,7 +108,7 @@ REDUCE_WARPS = 8
 
 # The autotune lists: GemmConfig(BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, warps, stages, epilogue subtiles).
 # Every entry compiles for sm_80 and sm_90 (wgmma there) without spills at the flags it is listed for
-# (``AOT_SPECS``, ``eomt-fast check-kernels``). Tiles with 128 fp32 accumulators a thread run their
+# (``aot_specs()``, ``eomt-fast check-kernels``). Tiles with 128 fp32 accumulators a thread run their
 # epilogue on two column halves, which keeps GELU and residual epilogues from spilling. The small tiles
 # are there for batch 1, where N = 1024 gives 60 tiles of 128 x 256 for 132 SMs.
 GPU_CONFIGS = (
@@ -864,7 +864,7 @@ def splitk_reduce_aot_spec(name: str, dtype: torch.dtype, split_k: int, *, activ
 
 # The building blocks at the configurations the ops do not list themselves (each op file lists its
 # GEMMs): split-K partial products and their reduce, the LayerNorm row kernel, a 4-D (scattered) output.
-def _aot_specs() -> list:
+def aot_specs() -> list:
     return [
         gemm_aot_spec("gemm_splitk2", torch.bfloat16, GPU_CONFIGS[0], split_k=2),
         gemm_aot_spec("gemm_splitk2", torch.bfloat16, GPU_CONFIGS[2], split_k=2),
@@ -895,10 +895,3 @@ def _aot_specs() -> list:
                         a_split_rows=True),
     ]
 
-
-def __getattr__(name: str):
-    # AOT_SPECS is built on first access: eomt_fast.aot imports eomt_fast.dispatch, which imports this
-    # file, so importing KernelSpec while this module loads would be circular.
-    if name == "AOT_SPECS":
-        return _aot_specs()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -224,7 +224,7 @@ layernorm_swiglu_op = _gemm.with_out(layernorm_swiglu, layernorm_swiglu_into, la
 TRITON_OPS = {"layernorm_mlp": layernorm_mlp_op, "layernorm_swiglu": layernorm_swiglu_op}
 
 # The GEMMs of these ops at their GPU configurations (EoMT-L: C 1024, MLP 4096), for check-kernels.
-def _aot_specs() -> list:
+def aot_specs() -> list:
     return [
         *_gemm.gemm_aot_specs("layernorm_mlp_fc1", activation="gelu"),
         *_gemm.gemm_aot_specs("layernorm_mlp_fc1_prologue", activation="gelu", ln_prologue=True),
@@ -233,10 +233,3 @@ def _aot_specs() -> list:
         *_gemm.gemm_aot_specs("layernorm_swiglu_fc1_prologue", glu=True, activation="silu", ln_prologue=True),
     ]
 
-
-def __getattr__(name: str):
-    # AOT_SPECS is built on first access: eomt_fast.aot imports eomt_fast.dispatch, which imports this
-    # file, so importing KernelSpec while this module loads would be circular.
-    if name == "AOT_SPECS":
-        return _aot_specs()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

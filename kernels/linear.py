@@ -261,7 +261,7 @@ out_projection_op = _gemm.with_out(linear_residual, linear_residual_into, linear
 TRITON_OPS = {"layernorm_qkv": layernorm_linear, "out_projection": out_projection_op, "mask_head": mask_head}
 
 # The GEMMs of these ops at their GPU configurations (EoMT-L: C 1024, QKV N 3072), for check-kernels.
-def _aot_specs() -> list:
+def aot_specs() -> list:
     return [
         *_gemm.gemm_aot_specs("layernorm_qkv"),
         *_gemm.gemm_aot_specs("layernorm_qkv_prologue", ln_prologue=True),
@@ -270,10 +270,3 @@ def _aot_specs() -> list:
         _gemm.gemm_aot_spec("mask_head_gelu", torch.bfloat16, _gemm.GPU_CONFIGS[-1], activation="gelu"),
     ]
 
-
-def __getattr__(name: str):
-    # AOT_SPECS is built on first access: eomt_fast.aot imports eomt_fast.dispatch, which imports this
-    # file, so importing KernelSpec while this module loads would be circular.
-    if name == "AOT_SPECS":
-        return _aot_specs()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -97,7 +97,9 @@ def grid_mask_configs(fp32: bool = False) -> list[_gemm.GemmConfig]:
 def _tuned_grid_mask_kernel(fp32: bool):
     configs = [triton.Config(c.meta(), num_warps=c.num_warps, num_stages=c.num_stages)
                for c in grid_mask_configs(fp32)]
-    return triton.autotune(configs=configs, key=["P", "Q", "C", "TAPS_H", "TAPS_W"])(_grid_mask_kernel)
+    # batch 1 gives few tiles (g*g x Q), batch 8 eight times as many: each gets its own tile
+    key = ["B", "P", "Q", "C", "TAPS_H", "TAPS_W", "ALIGNED"]
+    return triton.autotune(configs=configs, key=key)(_grid_mask_kernel)
 
 
 @triton.jit
@@ -105,6 +107,7 @@ def _grid_mask_kernel(
     X,  # (B, H, W, C) pixel embeddings, channels-last, any strides
     E,  # (B, Q, C) mask embeddings, any strides
     Out,  # (B, Q, P) uint8 view of the boolean mask, any strides
+    B,  # batch: not read by the kernel, an autotune key (the grid's second axis)
     P, Q, C,  # P = g*g patches (GEMM rows), Q queries (GEMM columns), C channels (the reduction)
     grid_w,  # g
     factor_h, factor_w, offset_h, offset_w,  # source pixel of patch (i, j): (factor*i + offset, ...)
@@ -243,7 +246,7 @@ def grid_attention_mask_forward(mask_embeddings: torch.Tensor, pixel_embeddings:
     aligned = (channels % 16 == 0 and pixel_embeddings.stride(3) == 1 and mask_embeddings.stride(2) == 1
                and _aligned16(pixel_embeddings, pixel_embeddings.stride()[:3])
                and _aligned16(mask_embeddings, mask_embeddings.stride()[:2]))
-    args = (pixel_embeddings, mask_embeddings, out_bytes, num_patches, num_queries, channels, grid_size,
+    args = (pixel_embeddings, mask_embeddings, out_bytes, batch, num_patches, num_queries, channels, grid_size,
             rows[0], cols[0], rows[1], cols[1], *pixel_embeddings.stride(), *mask_embeddings.stride(),
             *out_bytes.stride())
     fp32 = mask_embeddings.dtype == torch.float32
@@ -300,7 +303,7 @@ def grid_mask_aot_spec(dtype: torch.dtype, config: _gemm.GemmConfig, taps: int =
     from eomt_fast.aot import KernelSpec
 
     t = _TRITON_DTYPE[dtype]
-    ints = ["P", "Q", "C", "grid_w", "factor_h", "factor_w", "offset_h", "offset_w", "stride_xb", "stride_xh",
+    ints = ["B", "P", "Q", "C", "grid_w", "factor_h", "factor_w", "offset_h", "offset_w", "stride_xb", "stride_xh",
             "stride_xw", "stride_eb", "stride_eq", "stride_ob", "stride_oq"]
     constexprs = {"stride_xc": 1, "stride_ec": 1, "stride_op": 1, "TAPS_H": taps, "TAPS_W": taps, "ALIGNED": True,
                   "DOT_PRECISION": _gemm.FP32_DOT_PRECISION if dtype == torch.float32 else "tf32", **config.meta()}
@@ -313,7 +316,7 @@ def grid_mask_aot_spec(dtype: torch.dtype, config: _gemm.GemmConfig, taps: int =
                       num_warps=c.num_warps, num_stages=c.num_stages, needs_wgmma=dtype != torch.float32)
 
 
-def _aot_specs() -> list:
+def aot_specs() -> list:
     # mask_logits: the plain GEMM of gemm.py without bias, every bf16 tile and the first in fp16 (ViT-L/640:
     # M = Q = 200, N = 160*160, K = 1024). The grid mask: every tile at the default 4x factor in bf16, the
     # first in fp16 and at factor 1 (no averaging), and fp32.
@@ -326,10 +329,3 @@ def _aot_specs() -> list:
         *(grid_mask_aot_spec(torch.float32, c) for c in grid_mask_configs(fp32=True)),
     ]
 
-
-def __getattr__(name: str):
-    # AOT_SPECS is built on first access: eomt_fast.aot imports eomt_fast.dispatch, which imports this
-    # file, so importing KernelSpec while this module loads would be circular.
-    if name == "AOT_SPECS":
-        return _aot_specs()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -68,7 +68,8 @@ def patch_embed_configs(fp32: bool = False) -> list[_gemm.GemmConfig]:
 def _tuned_kernel(fp32: bool):
     configs = [triton.Config(c.meta(), num_warps=c.num_warps, num_stages=c.num_stages)
                for c in patch_embed_configs(fp32)]
-    return triton.autotune(configs=configs, key=["M", "N", "K", "PATCH"])(_patch_embed_kernel)
+    key = ["M", "N", "K", "PATCH", "ALIGNED", "OUT_ALIGNED"]  # every flag that changes the compiled code
+    return triton.autotune(configs=configs, key=key)(_patch_embed_kernel)
 
 
 @triton.jit
@@ -300,17 +301,10 @@ def patch_embed_aot_spec(dtype: torch.dtype, config: _gemm.GemmConfig, patch: in
                       num_warps=c.num_warps, num_stages=c.num_stages, needs_wgmma=dtype != torch.float32)
 
 
-def _aot_specs() -> list:
+def aot_specs() -> list:
     # every bf16 tile of the autotune list, the first in fp16 (same registers and shared memory), fp32
     configs = patch_embed_configs()
     return ([patch_embed_aot_spec(torch.bfloat16, c) for c in configs]
             + [patch_embed_aot_spec(torch.float16, configs[0])]
             + [patch_embed_aot_spec(torch.float32, c) for c in patch_embed_configs(fp32=True)])
 
-
-def __getattr__(name: str):
-    # AOT_SPECS is built on first access: eomt_fast.aot imports eomt_fast.dispatch, which imports this
-    # file, so importing KernelSpec while this module loads would be circular.
-    if name == "AOT_SPECS":
-        return _aot_specs()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -80,7 +80,8 @@ def convt_configs(fp32: bool = False) -> list[_gemm.GemmConfig]:
 @functools.lru_cache(maxsize=None)
 def _tuned_convt_kernel(fp32: bool):
     configs = [triton.Config(c.meta(), num_warps=c.num_warps, num_stages=c.num_stages) for c in convt_configs(fp32)]
-    return triton.autotune(configs=configs, key=["M", "N", "K"])(_convt_gelu_kernel)
+    key = ["M", "N", "K", "ALIGNED", "OUT_ALIGNED"]  # every flag that changes the compiled code
+    return triton.autotune(configs=configs, key=key)(_convt_gelu_kernel)
 
 
 @triton.jit
@@ -183,6 +184,7 @@ def _dwconv_layernorm_kernel(
     Wd,  # (C, 1, 3, 3) depthwise conv weight, any strides
     LnW, LnB,  # (C,) LayerNorm weight and bias, unit stride
     Out,  # (B, H, W, C) output, any strides
+    B,  # batch: not read by the kernel, an autotune key (the grid is B * H x W / SEGMENT programs)
     H, W, C, eps,
     stride_yb, stride_yh, stride_yw, stride_yc,
     stride_wc, stride_wh, stride_ww,
@@ -286,7 +288,8 @@ def _tuned_dwconv_kernel():
     pairs = [dwconv_configs(1)[0]] if _INTERPRETING else DWCONV_GPU_CONFIGS
     configs = [triton.Config({"BLOCK_P": p}, num_warps=w, num_stages=1) for p, w in pairs]
     prune = None if _INTERPRETING else {"early_config_prune": _prune_dwconv_configs}
-    return triton.autotune(configs=configs, key=["H", "W", "C"], prune_configs_by=prune)(_dwconv_layernorm_kernel)
+    return triton.autotune(configs=configs, key=["B", "H", "W", "C", "ALIGNED"], prune_configs_by=prune)(
+        _dwconv_layernorm_kernel)
 
 
 @on_input_device
@@ -333,7 +336,7 @@ def dwconv_layernorm(y: torch.Tensor, dw_weight: torch.Tensor, ln_weight: torch.
                and _aligned16(y, y.stride()[:3]) and _aligned16(out, out.stride()[:3]))
     grid = (batch * height, triton.cdiv(width, DWCONV_SEGMENT))
     _tuned_dwconv_kernel()[grid](
-        y, dw_weight, ln_weight, ln_bias, out, height, width, channels, eps,
+        y, dw_weight, ln_weight, ln_bias, out, batch, height, width, channels, eps,
         *y.stride(), dw_weight.stride(0), dw_weight.stride(2), dw_weight.stride(3), *out.stride(),
         ALIGNED=aligned, BLOCK_C=triton.next_power_of_2(channels), SEGMENT=DWCONV_SEGMENT, **LAUNCH_OPTIONS)
     return out
@@ -436,7 +439,7 @@ def dwconv_aot_spec(dtype: torch.dtype, channels: int, block_p: int, num_warps: 
     from eomt_fast.aot import KernelSpec
 
     t = _TRITON_DTYPE[dtype]
-    ints = ["H", "W", "C", "stride_yb", "stride_yh", "stride_yw", "stride_wc", "stride_wh",
+    ints = ["B", "H", "W", "C", "stride_yb", "stride_yh", "stride_yw", "stride_wc", "stride_wh",
             "stride_ob", "stride_oh", "stride_ow"]
     constexprs = {"stride_yc": 1, "stride_ww": 1, "stride_oc": 1, "ALIGNED": True, "BLOCK_P": block_p,
                   "BLOCK_C": triton.next_power_of_2(channels), "SEGMENT": DWCONV_SEGMENT}
@@ -447,7 +450,7 @@ def dwconv_aot_spec(dtype: torch.dtype, channels: int, block_p: int, num_warps: 
                       num_warps=num_warps, num_stages=1)
 
 
-def _aot_specs() -> list:
+def aot_specs() -> list:
     # the ConvT GEMM: every bf16 tile of the autotune list, the first in fp16, fp32; the depthwise +
     # LayerNorm kernel at every tile of the hidden sizes of ViT-S/B/L/g (384, 768, 1024, 1536), bf16 and fp32
     configs = convt_configs()
@@ -458,10 +461,3 @@ def _aot_specs() -> list:
                for c in (384, 768, 1024, 1536) for p, w in dwconv_configs(c)]
             + [dwconv_aot_spec(torch.float16, 1024, *dwconv_configs(1024)[0])])
 
-
-def __getattr__(name: str):
-    # AOT_SPECS is built on first access: eomt_fast.aot imports eomt_fast.dispatch, which imports this
-    # file, so importing KernelSpec while this module loads would be circular.
-    if name == "AOT_SPECS":
-        return _aot_specs()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
