@@ -271,9 +271,13 @@ def cfg_num_labels(cfg: Any) -> int:
 def layer_flops(cfg: Any, batch: int, seq: int) -> dict[str, float]:
     """One encoder layer at ``seq`` tokens: QKV, output projection, MLP (GELU or SwiGLU) and attention."""
     c = cfg.hidden_size
-    hidden = int(c * cfg.mlp_ratio)
-    if cfg.use_swiglu_ffn:
-        hidden = (int(hidden * 2 / 3) + 7) // 8 * 8
+    if getattr(cfg, "model_type", "eomt") == "eomt_dinov3":  # EoMT-DINOv3: the width is given (rotary: not counted)
+        hidden, gated = cfg.intermediate_size, cfg.use_gated_mlp
+    else:
+        hidden, gated = int(c * cfg.mlp_ratio), cfg.use_swiglu_ffn
+        if gated:
+            hidden = (int(hidden * 2 / 3) + 7) // 8 * 8
+    if gated:
         mlp = linear_flops(batch * seq, c, 2 * hidden) + linear_flops(batch * seq, hidden, c)
     else:
         mlp = linear_flops(batch * seq, c, hidden) + linear_flops(batch * seq, hidden, c)

@@ -62,6 +62,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     f"{name}-{size}": dict(_COMMON, **dims, image_size=size)
     for name, dims in _BACKBONES.items() for size in (640, 1280)
 }
+# EoMT-DINOv3 (transformers' EomtDinov3ForUniversalSegmentation: rotary embeddings, no key bias), the same
+# shapes with DINOv3's MLP width 4C.
+for _name, _dims in list(_BACKBONES.items())[:3]:
+    PRESETS[f"eomt-dinov3-{_name[5:]}-640"] = dict(
+        _COMMON, **{k: v for k, v in _dims.items() if k != "use_swiglu_ffn"}, image_size=640, model_type="eomt_dinov3",
+        intermediate_size=4 * _dims["hidden_size"])
 # A few seconds on any CPU; head_dim 64 like the real models.
 PRESETS["tiny"] = dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=2, num_blocks=2, image_size=128,
                        patch_size=16, num_queries=20, num_register_tokens=4, num_labels=10, num_upscale_blocks=2)
@@ -84,8 +90,10 @@ def preset_config(name: str) -> EomtFastConfig:
 
 
 def hf_config_kwargs(config: EomtFastConfig) -> dict[str, Any]:
-    """Keyword arguments for transformers' EomtConfig describing the same architecture."""
-    kwargs = {name: getattr(config, name) for name in EomtFastConfig.field_names() if name != "id2label"}
+    """Keyword arguments for transformers' EomtConfig (EomtDinov3Config for ``model_type`` eomt_dinov3: pass
+    ``model_type`` to ``random_hf_model`` too) describing the same architecture."""
+    kwargs = {name: getattr(config, name) for name in EomtFastConfig.field_names(config.model_type)
+              if name != "id2label"}
     kwargs["num_labels"] = config.num_labels
     return kwargs
 
@@ -148,7 +156,8 @@ def build_models(config: EomtFastConfig, dtype: torch.dtype, device: torch.devic
     """(transformers model with sdpa attention, eomt_fast copy of it), random weights, eval mode."""
     from .testing import random_hf_model
 
-    hf = random_hf_model(seed=seed, dtype=dtype, attn_implementation="sdpa", **hf_config_kwargs(config))
+    hf = random_hf_model(seed=seed, dtype=dtype, attn_implementation="sdpa", model_type=config.model_type,
+                         **hf_config_kwargs(config))
     hf = hf.to(device)
     return hf, EomtFastForUniversalSegmentation.from_hf(hf, backend=backend)
 

@@ -39,6 +39,8 @@ class Rule:
 
     kind: "copy" (same tensor), "reshape" (same data, other shape), "cat" (the hf tensors concatenated
     on dim 0, e.g. q/k/v -> qkv), "convt" (ConvTranspose2d (C_in, C_out, 2, 2) -> (C_in, 2, 2, C_out)).
+    A ``None`` among ``hf_names`` is a part the checkpoint does not hold (EoMT-DINOv3's absent key bias,
+    its absent position embeddings): zeros of that shape in the model, nothing written back.
     """
 
     name: str
@@ -46,7 +48,10 @@ class Rule:
     hf_shapes: tuple[tuple[int, ...], ...]
     kind: str = "copy"
 
-    def to_model(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+    def to_model(self, tensors: list[torch.Tensor | None], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The model's weight from the hf tensors (None for a part the checkpoint does not hold: zeros of
+        ``dtype``, the checkpoint's)."""
+        tensors = [t if t is not None else torch.zeros(shape, dtype=dtype) for t, shape in zip(tensors, self.hf_shapes)]
         if self.kind == "copy":
             return tensors[0]
         if self.kind == "reshape":
@@ -58,6 +63,7 @@ class Rule:
         raise AssertionError(self.kind)
 
     def to_hf(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+        """The hf tensors, in ``hf_names`` order (absent parts included: the caller drops them)."""
         if self.kind == "copy":
             return [tensor]
         if self.kind == "reshape":
@@ -67,6 +73,16 @@ class Rule:
         if self.kind == "convt":
             return [tensor.permute(0, 3, 1, 2)]
         raise AssertionError(self.kind)
+
+    def absent_rows(self) -> list[tuple[int, int]]:
+        """(start, stop) ranges along dim 0 of the model's weight that the checkpoint does not hold."""
+        ranges, start = [], 0
+        for name, shape in zip(self.hf_names, self.hf_shapes):
+            stop = start + shape[0] if self.kind == "cat" else self.model_shape[0]
+            if name is None:
+                ranges.append((start, stop))
+            start = stop
+        return ranges
 
     @property
     def model_shape(self) -> tuple[int, ...]:
@@ -90,13 +106,17 @@ _RESHAPED: dict[str, Callable[[tuple[int, ...]], tuple[int, ...]]] = {
 
 
 def weight_rules(config: EomtFastConfig) -> list[Rule]:
-    """Every weight of the model, in transformers 5.x key names and shapes."""
+    """Every weight of the model, in transformers 5.x key names and shapes (EomtForUniversalSegmentation's,
+    or EomtDinov3ForUniversalSegmentation's for ``model_type`` eomt_dinov3)."""
     c, p, ch = config.hidden_size, config.patch_size, config.num_channels
     hidden = config.mlp_hidden_size
+    patch = "embeddings.patch_embeddings" + ("" if config.rope else ".projection")
     rules = [
-        Rule("patch_weight", ("embeddings.patch_embeddings.projection.weight",), ((c, ch, p, p),), "reshape"),
-        Rule("patch_bias", ("embeddings.patch_embeddings.projection.bias",), ((c,),)),
-        Rule("position_embeddings", ("embeddings.position_embeddings.weight",), ((config.num_patches, c),)),
+        Rule("patch_weight", (f"{patch}.weight",), ((c, ch, p, p),), "reshape"),
+        Rule("patch_bias", (f"{patch}.bias",), ((c,),)),
+        # EoMT-DINOv3 has rotary embeddings instead: zeros here (the patch kernel adds them in its epilogue)
+        Rule("position_embeddings", (None if config.rope else "embeddings.position_embeddings.weight",),
+             ((config.num_patches, c),)),
         Rule("cls_token", ("embeddings.cls_token",), ((1, 1, c),), "reshape"),
         Rule("register_tokens", ("embeddings.register_tokens",), ((1, config.num_register_tokens, c),), "reshape"),
         Rule("query", ("query.weight",), ((config.num_queries, c),)),
@@ -117,22 +137,34 @@ def weight_rules(config: EomtFastConfig) -> list[Rule]:
             Rule(f"upscale.{j}.ln_weight", (f"{hf}.layernorm2d.weight",), ((c,),)),
             Rule(f"upscale.{j}.ln_bias", (f"{hf}.layernorm2d.bias",), ((c,),)),
         ]
+    def bias(name: str, present: str) -> str | None:
+        return name if config.has_bias(present) else None
+
+    out_proj = "o_proj" if config.rope else "out_proj"
     for i in range(config.num_hidden_layers):
         hf, m = f"layers.{i}", f"layers.{i}"
         qkv = tuple(f"{hf}.attention.{x}_proj" for x in "qkv")
+        qkv_biases = tuple(bias(f"{n}.bias", f"{x}_bias") for n, x in zip(qkv, ("query", "key", "value")))
         rules += [
             Rule(f"{m}.ln1_weight", (f"{hf}.norm1.weight",), ((c,),)),
             Rule(f"{m}.ln1_bias", (f"{hf}.norm1.bias",), ((c,),)),
             Rule(f"{m}.qkv_weight", tuple(f"{n}.weight" for n in qkv), ((c, c),) * 3, "cat"),
-            Rule(f"{m}.qkv_bias", tuple(f"{n}.bias" for n in qkv), ((c,),) * 3, "cat"),
-            Rule(f"{m}.out_weight", (f"{hf}.attention.out_proj.weight",), ((c, c),)),
-            Rule(f"{m}.out_bias", (f"{hf}.attention.out_proj.bias",), ((c,),)),
+            Rule(f"{m}.qkv_bias", qkv_biases, ((c,),) * 3, "cat"),
+            Rule(f"{m}.out_weight", (f"{hf}.attention.{out_proj}.weight",), ((c, c),)),
+            Rule(f"{m}.out_bias", (bias(f"{hf}.attention.{out_proj}.bias", "proj_bias"),), ((c,),)),
             Rule(f"{m}.ls1", (f"{hf}.layer_scale1.lambda1",), ((c,),)),
             Rule(f"{m}.ln2_weight", (f"{hf}.norm2.weight",), ((c,),)),
             Rule(f"{m}.ln2_bias", (f"{hf}.norm2.bias",), ((c,),)),
             Rule(f"{m}.ls2", (f"{hf}.layer_scale2.lambda1",), ((c,),)),
         ]
-        if config.use_swiglu_ffn:
+        if config.rope:  # EomtDinov3MLP (the gated one is refused by the config)
+            rules += [
+                Rule(f"{m}.fc1_weight", (f"{hf}.mlp.up_proj.weight",), ((hidden, c),)),
+                Rule(f"{m}.fc1_bias", (bias(f"{hf}.mlp.up_proj.bias", "mlp_bias"),), ((hidden,),)),
+                Rule(f"{m}.fc2_weight", (f"{hf}.mlp.down_proj.weight",), ((c, hidden),)),
+                Rule(f"{m}.fc2_bias", (bias(f"{hf}.mlp.down_proj.bias", "mlp_bias"),), ((c,),)),
+            ]
+        elif config.use_swiglu_ffn:
             gate_up = (f"{hf}.mlp.gate_proj", f"{hf}.mlp.up_proj")
             rules += [
                 Rule(f"{m}.fc1_weight", tuple(f"{n}.weight" for n in gate_up), ((hidden, c),) * 2, "cat"),
@@ -148,6 +180,12 @@ def weight_rules(config: EomtFastConfig) -> list[Rule]:
                 Rule(f"{m}.fc2_bias", (f"{hf}.mlp.fc2.bias",), ((c,),)),
             ]
     return rules
+
+
+def absent_weights(config: EomtFastConfig) -> list[tuple[str, int, int]]:
+    """(model weight name, start, stop): the rows along dim 0 that the checkpoint format does not hold and
+    that must stay zero (saving drops them), e.g. EoMT-DINOv3's key bias and position embeddings."""
+    return [(rule.name, start, stop) for rule in weight_rules(config) for start, stop in rule.absent_rows()]
 
 
 def _rename_v4_swiglu(state: dict[str, torch.Tensor], config: EomtFastConfig) -> dict[str, torch.Tensor]:
@@ -187,7 +225,7 @@ def convert_hf_state_dict(
     """
     state = _rename_v4_swiglu(dict(state), config)
     rules = weight_rules(config)
-    expected = {name: shape for rule in rules for name, shape in zip(rule.hf_names, rule.hf_shapes)}
+    expected = {name: shape for rule in rules for name, shape in zip(rule.hf_names, rule.hf_shapes) if name}
     expected_probs = (config.num_blocks,)
     problems = []
     missing = sorted(k for k in expected if k not in state)
@@ -207,7 +245,8 @@ def convert_hf_state_dict(
         problems.append(f"mis-shaped keys: {_listing(misshaped)}")
     if problems:
         raise CheckpointError(f"{source} does not match its config: " + "; ".join(problems))
-    weights = {rule.name: rule.to_model([state[n] for n in rule.hf_names]) for rule in rules}
+    dtype = state[rules[0].hf_names[0]].dtype  # the patch weight's: zeros for absent parts in the stored dtype
+    weights = {rule.name: rule.to_model([state[n] if n else None for n in rule.hf_names], dtype) for rule in rules}
     probs = state.get("attn_mask_probs")
     weights["attn_mask_probs"] = torch.ones(config.num_blocks) if probs is None else probs.float()
     return weights
@@ -218,7 +257,8 @@ def to_hf_state_dict(weights: dict[str, torch.Tensor], config: EomtFastConfig) -
     state = {}
     for rule in weight_rules(config):
         for name, tensor in zip(rule.hf_names, rule.to_hf(weights[rule.name])):
-            state[name] = tensor
+            if name is not None:  # a part the checkpoint format does not hold (zeros in the model)
+                state[name] = tensor
     state["attn_mask_probs"] = weights["attn_mask_probs"]
     empty_weight = torch.ones(config.num_labels + 1, dtype=torch.float32)
     empty_weight[-1] = config.no_object_weight

@@ -34,8 +34,9 @@ def cmd_info(args: argparse.Namespace) -> int:
         model = EomtFastForUniversalSegmentation.from_pretrained(args.model, device=args.device, dtype=args.dtype,
                                                                  backend=args.backend, revision=args.revision)
         cfg = model.config
-        print(f"model {args.model}: {cfg.hidden_size}d x {cfg.num_hidden_layers} layers, {cfg.num_attention_heads} "
-              f"heads, {cfg.num_queries} queries, {cfg.image_size}px, {cfg.num_labels} labels, "
+        kind = "EoMT-DINOv3 (rotary embeddings)" if cfg.rope else "EoMT"
+        print(f"model {args.model}: {kind}, {cfg.hidden_size}d x {cfg.num_hidden_layers} layers, "
+              f"{cfg.num_attention_heads} heads, {cfg.num_queries} queries, {cfg.image_size}px, {cfg.num_labels} labels, "
               f"attn_mask_probs {list(model.masking_probs())}")
         targets = [(model.device, model.dtype, model.backend, model.config)]
     else:

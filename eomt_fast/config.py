@@ -1,4 +1,5 @@
-"""EomtFastConfig: every field of transformers' EomtConfig, validated, readable without transformers."""
+"""EomtFastConfig: every field of transformers' EomtConfig (and EomtDinov3Config), validated, readable
+without transformers."""
 
 from __future__ import annotations
 
@@ -9,6 +10,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 SUPPORTED_ACTIVATIONS = ("gelu",)  # exact erf GELU, what every released checkpoint uses
+MODEL_TYPES = ("eomt", "eomt_dinov3")  # transformers' EomtForUniversalSegmentation, EomtDinov3ForUniversalSegmentation
+ARCHITECTURES = {"eomt": "EomtForUniversalSegmentation", "eomt_dinov3": "EomtDinov3ForUniversalSegmentation"}
+# the fields only one of the two configs has (EomtDinov3Config refuses mlp_ratio and use_swiglu_ffn)
+EOMT_ONLY_FIELDS = ("mlp_ratio", "use_swiglu_ffn")
+DINOV3_ONLY_FIELDS = ("intermediate_size", "rope_parameters", "query_bias", "key_bias", "value_bias", "proj_bias",
+                      "mlp_bias", "use_gated_mlp", "pos_embed_shift", "pos_embed_jitter", "pos_embed_rescale")
+DINOV3_BIASES = ("query_bias", "key_bias", "value_bias", "proj_bias", "mlp_bias")
+DEFAULT_ROPE_THETA = 100.0  # EomtDinov3Config.default_theta
 
 
 class ConfigError(ValueError):
@@ -33,6 +42,12 @@ class EomtFastConfig:
     Defaults describe EoMT-L/640 (COCO panoptic). Loss-only fields (weights, point sampling) are kept
     so that a config survives a load/save round trip unchanged. Unknown keys of a config.json are kept
     in ``extra`` and written back by ``to_dict``.
+
+    ``model_type="eomt_dinov3"`` describes transformers' EomtDinov3ForUniversalSegmentation (a DINOv3
+    backbone): rotary position embeddings on the patch tokens instead of absolute ones, separate q/k/v/o
+    projections whose biases may be absent (``*_bias``), the MLP width given as ``intermediate_size``. Its
+    fields (``DINOV3_ONLY_FIELDS``, EomtDinov3Config's defaults) are read and written only for that type,
+    ``mlp_ratio`` and ``use_swiglu_ffn`` only for ``eomt``.
     """
 
     hidden_size: int = 1024
@@ -62,6 +77,19 @@ class EomtFastConfig:
     num_queries: int = 200
     num_register_tokens: int = 4
     id2label: dict[int, str] | None = None
+    model_type: str = "eomt"
+    # eomt_dinov3 only
+    intermediate_size: int = 4096
+    rope_parameters: dict[str, Any] | None = None  # {"rope_type": "default", "rope_theta": ...}
+    query_bias: bool = True
+    key_bias: bool = False
+    value_bias: bool = True
+    proj_bias: bool = True
+    mlp_bias: bool = True
+    use_gated_mlp: bool = False
+    pos_embed_shift: float | None = None  # the three pos_embed_*: RoPE coordinate augmentation in training only
+    pos_embed_jitter: float | None = None
+    pos_embed_rescale: float | None = 2.0
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -98,7 +126,28 @@ class EomtFastConfig:
         return 1 + self.num_register_tokens
 
     @property
+    def rope(self) -> bool:
+        """Rotary position embeddings on the patch tokens' queries and keys (EoMT-DINOv3), no absolute ones."""
+        return self.model_type == "eomt_dinov3"
+
+    @property
+    def rope_theta(self) -> float:
+        params = self.rope_parameters or {}
+        return float(params.get("rope_theta", self.extra.get("rope_theta", DEFAULT_ROPE_THETA)))
+
+    @property
+    def gated_mlp(self) -> bool:
+        """The MLP is SwiGLU (fc1 holds the gate rows, then the up rows)."""
+        return self.use_swiglu_ffn if self.model_type == "eomt" else self.use_gated_mlp
+
+    def has_bias(self, name: str) -> bool:
+        """Whether the checkpoint holds that bias (``query_bias``, ..., ``mlp_bias``): always for eomt."""
+        return self.model_type == "eomt" or getattr(self, name)
+
+    @property
     def mlp_hidden_size(self) -> int:
+        if self.model_type == "eomt_dinov3":
+            return self.intermediate_size
         hidden = int(self.hidden_size * self.mlp_ratio)
         if self.use_swiglu_ffn:
             hidden = (int(hidden * 2 / 3) + 7) // 8 * 8
@@ -126,6 +175,8 @@ class EomtFastConfig:
             positive_int(name)
         for name in ("num_upscale_blocks", "num_blocks", "num_register_tokens"):
             non_negative_int(name)
+        if self.model_type not in MODEL_TYPES:
+            raise ConfigError(f"model_type must be one of {', '.join(MODEL_TYPES)}, got {self.model_type!r}")
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError(
                 f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
@@ -141,21 +192,48 @@ class EomtFastConfig:
             raise ConfigError(
                 f"hidden_act {self.hidden_act!r} is not supported; supported: {', '.join(SUPPORTED_ACTIVATIONS)}"
             )
-        if not isinstance(self.mlp_ratio, (int, float)) or isinstance(self.mlp_ratio, bool) or self.mlp_ratio <= 0:
-            raise ConfigError(f"mlp_ratio must be a positive number, got {self.mlp_ratio!r}")
-        if self.mlp_hidden_size < 1:
-            raise ConfigError(f"mlp_ratio {self.mlp_ratio} gives an empty MLP for hidden_size {self.hidden_size}")
         if not isinstance(self.layer_norm_eps, (int, float)) or not self.layer_norm_eps > 0:
             raise ConfigError(f"layer_norm_eps must be > 0, got {self.layer_norm_eps!r}")
-        if not isinstance(self.use_swiglu_ffn, bool):
-            raise ConfigError(f"use_swiglu_ffn must be true or false, got {self.use_swiglu_ffn!r}")
+        if self.model_type == "eomt_dinov3":
+            self._validate_dinov3()
+        else:
+            if not isinstance(self.mlp_ratio, (int, float)) or isinstance(self.mlp_ratio, bool) or self.mlp_ratio <= 0:
+                raise ConfigError(f"mlp_ratio must be a positive number, got {self.mlp_ratio!r}")
+            if self.mlp_hidden_size < 1:
+                raise ConfigError(f"mlp_ratio {self.mlp_ratio} gives an empty MLP for hidden_size {self.hidden_size}")
+            if not isinstance(self.use_swiglu_ffn, bool):
+                raise ConfigError(f"use_swiglu_ffn must be true or false, got {self.use_swiglu_ffn!r}")
         if sorted(self.id2label) != list(range(len(self.id2label))):
             raise ConfigError(f"id2label keys must be 0..num_labels-1, got {sorted(self.id2label)}")
 
+    def _validate_dinov3(self) -> None:
+        size = self.intermediate_size
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ConfigError(f"intermediate_size must be a positive int, got {size!r}")
+        for name in (*DINOV3_BIASES, "use_gated_mlp"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.use_gated_mlp:
+            raise ConfigError("use_gated_mlp=true is not supported: EoMT-DINOv3's gated MLP applies hidden_act "
+                              f"({self.hidden_act!r}) to the gate, and eomt_fast has only the SiLU-gated MLP")
+        params = self.rope_parameters
+        if params is not None and not isinstance(params, dict):
+            raise ConfigError(f"rope_parameters must be an object, got {params!r}")
+        rope_type = (params or {}).get("rope_type", "default")
+        if rope_type != "default":
+            raise ConfigError(f"rope_parameters rope_type {rope_type!r} is not supported (EoMT-DINOv3 has 'default')")
+        theta = self.rope_theta
+        if not theta > 0:
+            raise ConfigError(f"rope_theta must be > 0, got {theta!r}")
+        if self.head_dim % 4:  # two axes, each rotating head_dim / 4 pairs
+            raise ConfigError(f"rotary position embeddings need head_dim divisible by 4, got {self.head_dim}")
+
     # ---- (de)serialisation ---------------------------------------------------------------------
     @classmethod
-    def field_names(cls) -> tuple[str, ...]:
-        return tuple(f.name for f in dataclasses.fields(cls) if f.name != "extra")
+    def field_names(cls, model_type: str = "eomt") -> tuple[str, ...]:
+        """The config.json keys of that model type that are fields here (``model_type`` itself is not)."""
+        other = DINOV3_ONLY_FIELDS if model_type == "eomt" else EOMT_ONLY_FIELDS
+        return tuple(f.name for f in dataclasses.fields(cls) if f.name not in ("extra", "model_type", *other))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> EomtFastConfig:
@@ -163,22 +241,20 @@ class EomtFastConfig:
         if not isinstance(data, dict):
             raise ConfigError(f"{source}: expected a JSON object, got {type(data).__name__}")
         model_type = data.get("model_type")
-        if model_type == "eomt_dinov3":
-            raise ConfigError(f"{source}: an EoMT-DINOv3 config (model_type 'eomt_dinov3', transformers' "
-                              f"EomtDinov3ForUniversalSegmentation: rotary position embeddings, no absolute ones) "
-                              f"is not supported; eomt_fast runs the DINOv2 EoMT models (model_type 'eomt')")
-        if model_type != "eomt":
-            raise ConfigError(f"{source}: not an EoMT config (model_type is {model_type!r}, expected 'eomt')")
+        if model_type not in MODEL_TYPES:
+            raise ConfigError(f"{source}: not an EoMT config (model_type is {model_type!r}, expected one of "
+                              f"{', '.join(map(repr, MODEL_TYPES))})")
         data = dict(data)
+        data.pop("model_type")
         if "id2label" not in data and "num_labels" in data:
             data["id2label"] = {i: f"LABEL_{i}" for i in range(int(data["num_labels"]))}
         data.pop("num_labels", None)
         data.pop("label2id", None)  # derived from id2label
-        names = set(cls.field_names())
+        names = set(cls.field_names(model_type))
         known = {k: v for k, v in data.items() if k in names}
         extra = {k: v for k, v in data.items() if k not in names}
         try:
-            return cls(**known, extra=extra)
+            return cls(**known, model_type=model_type, extra=extra)
         except ConfigError as exc:
             raise ConfigError(f"{source}: {exc}") from None
 
@@ -196,18 +272,19 @@ class EomtFastConfig:
 
     @classmethod
     def from_hf(cls, hf_config: Any) -> EomtFastConfig:
-        """From a live ``transformers.EomtConfig``."""
+        """From a live ``transformers.EomtConfig`` (or ``EomtDinov3Config``)."""
         return cls.from_dict(hf_config.to_dict(), source=type(hf_config).__name__)
 
     def to_dict(self) -> dict[str, Any]:
-        """A config.json dictionary that transformers' EomtConfig loads."""
+        """A config.json dictionary that transformers' EomtConfig (EomtDinov3Config) loads."""
         data: dict[str, Any] = dict(self.extra)
-        for name in self.field_names():
+        for name in self.field_names(self.model_type):
             data[name] = getattr(self, name)
         data["id2label"] = {str(k): v for k, v in self.id2label.items()}
         data["label2id"] = {v: k for k, v in self.id2label.items()}
-        data["model_type"] = "eomt"
-        data.setdefault("architectures", ["EomtForUniversalSegmentation"])
+        data["model_type"] = self.model_type
+        if not data.get("architectures"):  # absent, or None (a live config's to_dict before any save)
+            data["architectures"] = [ARCHITECTURES[self.model_type]]
         return data
 
     def to_json_file(self, path: str | os.PathLike) -> None:

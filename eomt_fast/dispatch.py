@@ -36,9 +36,10 @@ OPS: dict[str, tuple[str, str]] = {
     "upscale": ("upscale_block_ref", "ConvTranspose 2x2 + GELU + depthwise 3x3 + LayerNorm"),
     "mask_logits": ("mask_logits_ref", "final mask-logit einsum"),
     "grid_attention_mask": ("grid_attention_mask_ref", "query->patch mask of masked layers at grid size"),
+    "rope": ("rope_ref", "rotary embeddings of the patch tokens' q/k, in place (EoMT-DINOv3)"),
 }
 
-KERNEL_MODULES = ("attention", "gemm", "layernorm_mlp", "linear", "mask_logits", "patch_embed", "upscale")
+KERNEL_MODULES = ("attention", "gemm", "layernorm_mlp", "linear", "mask_logits", "patch_embed", "rope", "upscale")
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 

@@ -26,8 +26,9 @@ import torch
 from torch import nn
 
 from . import checkpoint, dispatch
-from .config import EomtFastConfig
+from .config import MODEL_TYPES, EomtFastConfig
 from .kernels.attention import attention_probabilities
+from .kernels.rope import rope_tables_ref
 
 if TYPE_CHECKING:
     from .cuda_graphs import Capture, CudaGraphs
@@ -192,8 +193,8 @@ class EncoderLayer(nn.Module):
     def __init__(self, config: EomtFastConfig) -> None:
         super().__init__()
         c, hidden = config.hidden_size, config.mlp_hidden_size
-        fc1_rows = 2 * hidden if config.use_swiglu_ffn else hidden
-        self.swiglu = config.use_swiglu_ffn
+        fc1_rows = 2 * hidden if config.gated_mlp else hidden
+        self.swiglu = config.gated_mlp
         self.num_heads = config.num_attention_heads
         self.eps = config.layer_norm_eps
         self.ln1_weight, self.ln1_bias = _weight(c), _weight(c)
@@ -206,10 +207,14 @@ class EncoderLayer(nn.Module):
         self.ls2 = _weight(c)
 
     def forward(self, x: torch.Tensor, query_patch_mask: torch.Tensor | None, patch_start: int, ops: Ops,
-                attentions: list[torch.Tensor] | None = None) -> torch.Tensor:
+                attentions: list[torch.Tensor] | None = None,
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """Updates x (B, S, C), a view of the model's token buffer, in place, and returns it. With a list as
-        ``attentions``, appends this layer's (B, heads, S, S) attention probabilities to it."""
+        ``attentions``, appends this layer's (B, heads, S, S) attention probabilities to it. ``rope``: the
+        (cos, sin) tables of EoMT-DINOv3's rotary embeddings, applied to the patch tokens' q and k."""
         qkv = ops["layernorm_qkv"](x, self.ln1_weight, self.ln1_bias, self.eps, self.qkv_weight, self.qkv_bias)
+        if rope is not None:
+            ops["rope"](qkv, rope[0], rope[1], self.num_heads, out=qkv)  # in place: qkv is this layer's own
         if attentions is not None:
             attentions.append(attention_probabilities(qkv, self.num_heads, query_patch_mask, patch_start))
         attn = ops["attention"](qkv, self.num_heads, query_patch_mask, patch_start)
@@ -256,14 +261,15 @@ class EomtFastForUniversalSegmentation(nn.Module):
     """EoMT for panoptic, instance and semantic segmentation (inference).
 
     Build it with ``from_pretrained`` (a transformers checkpoint directory or Hub id) or ``from_hf`` (a live
-    ``transformers.EomtForUniversalSegmentation``); ``EomtFastForUniversalSegmentation(config)`` gives random
-    weights. ``model(pixel_values)`` returns the fields transformers returns, so transformers'
+    ``transformers.EomtForUniversalSegmentation``, or ``EomtDinov3ForUniversalSegmentation``: see
+    ``EomtFastConfig.model_type``); ``EomtFastForUniversalSegmentation(config)`` gives random weights. ``model(pixel_values)`` returns the fields transformers returns, so transformers'
     ``EomtImageProcessor.post_process_*`` work on them unchanged.
     """
 
     def __init__(self, config: EomtFastConfig, backend: str = "auto") -> None:
         super().__init__()
         self._cuda_graphs: CudaGraphs | None = None  # first: _apply (.to(), .half(), ...) reads it
+        self._rope_cache: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}  # _apply too
         if not isinstance(config, EomtFastConfig):
             raise TypeError(f"config must be an EomtFastConfig, got {type(config).__name__}")
         if backend not in dispatch.BACKENDS:
@@ -314,6 +320,9 @@ class EomtFastForUniversalSegmentation(nn.Module):
                 fan_in = {"convt_weight": param.shape[0], "dw_weight": 9}.get(leaf, param.shape[-1])
                 bound = 1.0 / math.sqrt(fan_in)
                 param.uniform_(-bound, bound, generator=generator)
+        weights = dict(self.named_parameters())
+        for name, start, stop in checkpoint.absent_weights(self.config):  # e.g. EoMT-DINOv3's key bias
+            weights[name][start:stop].zero_()
         self.attn_mask_probs.fill_(1.0)
 
     @classmethod
@@ -354,10 +363,11 @@ class EomtFastForUniversalSegmentation(nn.Module):
         backend: str = "auto",
         cuda_graphs: bool = False,
     ) -> EomtFastForUniversalSegmentation:
-        """Copy a live transformers EomtForUniversalSegmentation (same device and dtype); ``cuda_graphs`` as in
-        ``from_pretrained``."""
-        if not hasattr(hf_model, "config") or getattr(hf_model.config, "model_type", None) != "eomt":
-            raise TypeError(f"from_hf expects a transformers EomtForUniversalSegmentation, got {type(hf_model).__name__}")
+        """Copy a live transformers EomtForUniversalSegmentation or EomtDinov3ForUniversalSegmentation (same
+        device and dtype); ``cuda_graphs`` as in ``from_pretrained``."""
+        if not hasattr(hf_model, "config") or getattr(hf_model.config, "model_type", None) not in MODEL_TYPES:
+            raise TypeError("from_hf expects a transformers EomtForUniversalSegmentation or "
+                            f"EomtDinov3ForUniversalSegmentation, got {type(hf_model).__name__}")
         config = EomtFastConfig.from_hf(hf_model.config)
         state = {k: v.detach() for k, v in hf_model.state_dict().items()}
         param = next(hf_model.parameters())
@@ -430,6 +440,7 @@ class EomtFastForUniversalSegmentation(nn.Module):
     def _apply(self, *args: Any, **kwargs: Any):
         # moving or casting re-creates the parameters: a captured graph would read freed memory
         result = super()._apply(*args, **kwargs)
+        self._rope_cache.clear()
         self._note_weight_pointers()
         if self._cuda_graphs is not None:
             self._cuda_graphs.clear()
@@ -511,7 +522,9 @@ class EomtFastForUniversalSegmentation(nn.Module):
         if (height, width) != (cfg.image_size, cfg.image_size):
             raise ValueError(
                 f"pixel_values is {height}x{width}, the model expects {cfg.image_size}x{cfg.image_size} "
-                "(resize and pad with the image processor; position embeddings are not interpolated)"
+                "(resize and pad with the image processor; "
+                + ("the attention masks are built at the config's patch grid)" if cfg.rope
+                   else "position embeddings are not interpolated)")
             )
         if pixel_values.device != self.device:
             raise ValueError(f"pixel_values is on {pixel_values.device} but the model is on {self.device}")
@@ -523,6 +536,21 @@ class EomtFastForUniversalSegmentation(nn.Module):
         for block in self.upscale:
             x = block(x, ops)
         return x
+
+    def _rope_tables(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """EoMT-DINOv3's (cos, sin) (P, head_dim) for the model's grid, in its dtype (computed in float32 and
+        cast, as transformers does), made once per device and dtype; None for a model without RoPE."""
+        cfg = self.config
+        if not cfg.rope:
+            return None
+        key = (self.device, self.dtype)
+        tables = self._rope_cache.get(key)
+        if tables is None:
+            cos, sin = rope_tables_ref(cfg.grid_size, cfg.grid_size, cfg.head_dim, cfg.rope_theta, self.device)
+            tables = (cos.to(self.dtype), sin.to(self.dtype))
+            if not torch.compiler.is_compiling():  # a compiled graph computes them itself
+                self._rope_cache[key] = tables
+        return tables
 
     def _split_tokens(self, normed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         q = self.config.num_queries
@@ -650,6 +678,7 @@ class EomtFastForUniversalSegmentation(nn.Module):
         patch_start = queries + prefix
         probs = self.masking_probs()
         ops = self.ops()
+        rope = self._rope_tables()
 
         tokens = self._token_buffer(batch)  # [Q queries | CLS | R registers | P patches]
         body = tokens[:, queries:]  # what the layers before the queries see
@@ -672,7 +701,7 @@ class EomtFastForUniversalSegmentation(nn.Module):
                 if probs[block] < 1:  # each query row unmasked with probability 1 - prob
                     keep_all = torch.rand(batch, queries, device=x.device, generator=generator) > probs[block]
                     mask = mask | keep_all[:, :, None]
-            layer(x, mask if block >= 0 else None, patch_start, ops, attentions)  # updates the buffer in place
+            layer(x, mask if block >= 0 else None, patch_start, ops, attentions, rope)  # updates the buffer in place
             if hidden_states is not None and (index < cfg.num_hidden_layers - 1 or not recording.tie_last):
                 hidden_states.append(x.clone())  # the last layer's output is replaced by last_hidden_state
         if cfg.num_blocks == 0:  # queries enter after the last layer (transformers cannot run this config)

@@ -27,6 +27,19 @@ TEST_CONFIGS: dict[str, dict[str, Any]] = {
                      hidden_size=128, num_attention_heads=2, num_hidden_layers=3, num_blocks=1, num_upscale_blocks=1),
 }
 
+# EoMT-DINOv3 shapes (model_type "eomt_dinov3", transformers' EomtDinov3Config keywords): rotary embeddings,
+# the default biases (no key bias), and every other bias left out once; head_dim 16 and 12 (a half of 6:
+# not a power of two).
+DINOV3_TEST_CONFIGS: dict[str, dict[str, Any]] = {
+    "dinov3_r4": dict(image_size=64, patch_size=8, num_queries=7, num_register_tokens=4, num_labels=5,
+                      hidden_size=64, num_attention_heads=4, intermediate_size=96, num_hidden_layers=4, num_blocks=2,
+                      rope_parameters={"rope_type": "default", "rope_theta": 100.0}),
+    "dinov3_nobias_hd12": dict(image_size=48, patch_size=8, num_queries=6, num_register_tokens=0, num_labels=3,
+                               hidden_size=36, num_attention_heads=3, intermediate_size=72, num_hidden_layers=3,
+                               num_blocks=3, query_bias=False, value_bias=False, proj_bias=False, mlp_bias=False,
+                               rope_parameters={"rope_type": "default", "rope_theta": 1000.0}),
+}
+
 ORACLE_ATTENTION = "sdpa_same_dtype_mask"
 
 
@@ -56,18 +69,23 @@ def random_hf_model(
     dtype: torch.dtype = torch.float32,
     attn_mask_probs: list[float] | None = None,
     attn_implementation: str | None = None,
+    model_type: str = "eomt",
     **config_kwargs: Any,
 ):
-    """A transformers EomtForUniversalSegmentation with random weights, in eval mode.
+    """A transformers EomtForUniversalSegmentation (``model_type="eomt_dinov3"``:
+    EomtDinov3ForUniversalSegmentation) with random weights, in eval mode.
 
     Every parameter is perturbed after transformers' init so that nothing sits at an identity value
     (register tokens are zeros, LayerNorm weights ones and LayerScale 1.0 after a plain init), which
     would let a wrong mapping of those weights pass unnoticed.
     """
-    from transformers import EomtConfig, EomtForUniversalSegmentation
+    import transformers
 
+    classes = {"eomt": ("EomtConfig", "EomtForUniversalSegmentation"),
+               "eomt_dinov3": ("EomtDinov3Config", "EomtDinov3ForUniversalSegmentation")}
+    config_class, model_class = (getattr(transformers, name) for name in classes[model_type])
     torch.manual_seed(seed)
-    model = EomtForUniversalSegmentation(EomtConfig(**config_kwargs)).eval()
+    model = model_class(config_class(**config_kwargs)).eval()
     for param in model.parameters():
         param.add_(torch.randn_like(param) * 0.1 * (param.abs().mean() + 0.1))
     if attn_mask_probs is not None:

@@ -23,6 +23,7 @@ else:
     from .linear import gelu_ref, layernorm_linear_ref, linear_residual_ref, mask_head_ref
     from .mask_logits import grid_attention_mask_ref, mask_logits_ref
     from .patch_embed import patch_embed_ref
+    from .rope import rope_ref, rope_tables_ref
     from .upscale import upscale_block_ref
 
     __all__ = [
@@ -37,5 +38,7 @@ else:
         "mask_head_ref",
         "mask_logits_ref",
         "patch_embed_ref",
+        "rope_ref",
+        "rope_tables_ref",
         "upscale_block_ref",
     ]

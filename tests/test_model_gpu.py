@@ -36,7 +36,7 @@ from eomt_fast.testing import TEST_CONFIGS, random_hf_model
 pytest.importorskip("transformers")
 
 OUTPUTS = ("masks_queries_logits", "class_queries_logits", "last_hidden_state")
-PRESETS = ("eomt-s-640", "eomt-b-640", "eomt-l-640")
+PRESETS = ("eomt-s-640", "eomt-b-640", "eomt-l-640", "eomt-dinov3-l-640")  # DINOv3: the rotary embeddings too
 LOW = {"bf16": torch.bfloat16, "fp16": torch.float16}
 BATCH = 2  # > 1: the layers before the queries run on row-split slices of the token buffer
 AGREEMENT = 0.999
@@ -138,7 +138,8 @@ def test_agreement_helpers_on_cpu():
 def transformers_fp32(preset: str):
     """transformers' model of a preset in fp32 on the GPU (two presets at a time: EoMT-L is 1.2 GB)."""
     torch.cuda.empty_cache()
-    return random_hf_model(seed=7, dtype=torch.float32, **hf_config_kwargs(preset_config(preset))).cuda()
+    config = preset_config(preset)
+    return random_hf_model(seed=7, dtype=torch.float32, model_type=config.model_type, **hf_config_kwargs(config)).cuda()
 
 
 def pixel_values(preset: str, batch: int = BATCH, seed: int = 0) -> torch.Tensor:
