@@ -174,7 +174,7 @@ def resize_image(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
     if image.dtype == torch.uint8:
         return resize_uint8_in_float(image, height, width)
     x = image[None].to(torch.float32, memory_format=torch.contiguous_format)
-    return F.interpolate(x, size=(height, width), mode="bilinear", antialias=True, align_corners=False)[0]
+    return interpolate_antialias(x, (height, width))[0]
 
 
 def resize_uint8_in_float(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -183,12 +183,51 @@ def resize_uint8_in_float(image: torch.Tensor, height: int, width: int) -> torch
     x = image[None].to(torch.float32, memory_format=torch.contiguous_format)
     h, w = x.shape[-2:]
     if w != width:
-        x = F.interpolate(x, size=(h, width), mode="bilinear", antialias=True, align_corners=False)
-        x = x.add_(0.5).floor_().clamp_(0, 255)
+        x = interpolate_antialias(x, (h, width)).add_(0.5).floor_().clamp_(0, 255)
     if h != height:
-        x = F.interpolate(x, size=(height, width), mode="bilinear", antialias=True, align_corners=False)
-        x = x.add_(0.5).floor_().clamp_(0, 255)
+        x = interpolate_antialias(x, (height, width)).add_(0.5).floor_().clamp_(0, 255)
     return x[0]
+
+
+def interpolate_antialias(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``F.interpolate(x, size, mode="bilinear", antialias=True)`` of float (N, C, H, W). GPU backends refuse
+    large downscales (their kernel keeps the filter weights in shared memory: CUDA's "Too much shared memory
+    required" past about 90x, ROCm's at page-sized images); those get ``interpolate_antialias_matmul``, the
+    same filter as two matrix products, instead of an error."""
+    try:
+        return F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
+    except RuntimeError as exc:
+        if "shared memory" not in str(exc):
+            raise
+        return interpolate_antialias_matmul(x, size)
+
+
+def antialias_weights(in_size: int, out_size: int) -> torch.Tensor:
+    """(out_size, in_size) float64: row i holds the weights of torch's (and Pillow's) antialiased bilinear
+    resize for output pixel i, the triangle filter widened by the downscale factor (support = the scale
+    when shrinking, 1 when enlarging), cut to [xmin, xmax) as torch cuts it and normalised to sum 1."""
+    scale = in_size / out_size
+    support, inverse = (scale, 1.0 / scale) if scale >= 1.0 else (1.0, 1.0)
+    center = scale * (torch.arange(out_size, dtype=torch.float64) + 0.5)
+    first = (center - support + 0.5).trunc().clamp(min=0)  # torch: int64_t(center - support + 0.5), then max 0
+    stop = (center + support + 0.5).trunc().clamp(max=in_size)
+    pixels = torch.arange(in_size, dtype=torch.float64)
+    weights = (1.0 - ((pixels[None, :] - center[:, None] + 0.5) * inverse).abs()).clamp(min=0.0)
+    weights = weights * ((pixels[None, :] >= first[:, None]) & (pixels[None, :] < stop[:, None]))
+    total = weights.sum(dim=1, keepdim=True)
+    return torch.where(total > 0, weights / total.clamp(min=1e-300), weights)
+
+
+def interpolate_antialias_matmul(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """The antialiased bilinear resize of float (N, C, H, W) as ``rows @ x @ columns^T`` with dense
+    ``antialias_weights`` (any scale, any device; float32 products, so it matches F.interpolate to rounding)."""
+    height, width = size
+    h, w = x.shape[-2:]
+    if w != width:
+        x = x @ antialias_weights(w, width).to(x.device, x.dtype).t()
+    if h != height:
+        x = antialias_weights(h, height).to(x.device, x.dtype) @ x
+    return x
 
 
 class PreprocessedImages(NamedTuple):

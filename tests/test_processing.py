@@ -218,6 +218,48 @@ def test_device_paths_on_the_cpu():
     assert torch.equal(processing.scatter_count(index, None, 12), torch.bincount(index.flatten(), minlength=12))
 
 
+@pytest.mark.parametrize("shape,size", [((37, 53), (10, 20)), ((3000, 200), (16, 20)), ((5, 12000), (4, 64)),
+                                        ((23, 29), (31, 7)), ((64, 64), (128, 96))])
+def test_antialias_matmul_matches_interpolate(shape, size):
+    """The fallback for large downscales on a GPU: the same filter as F.interpolate(antialias=True) (which has
+    no scale limit on the CPU), to float32 rounding on a 0-255 scale; shrinking, enlarging and mixed."""
+    x = torch.rand(2, 3, *shape, generator=torch.Generator().manual_seed(1)) * 255
+    expected = torch.nn.functional.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
+    got = processing.interpolate_antialias_matmul(x, size)
+    assert got.shape == expected.shape and (got - expected).abs().max() < 2e-3
+
+
+def test_large_downscales_fall_back_when_the_gpu_kernel_refuses(monkeypatch):
+    """A GPU antialias kernel that refuses the scale ("Too much shared memory required", as CUDA's past about
+    90x and ROCm's at page sizes) gets the matrix form: the image is resized, within a level of the direct
+    path; any other error still propagates."""
+    interpolate = torch.nn.functional.interpolate
+    refused = []
+
+    def refusing(x, *args, antialias=False, **kwargs):
+        if antialias:
+            refused.append(x.shape)
+            raise RuntimeError("Provided interpolation parameters can not be handled with current algorithm "
+                               "implementation. Please reduce the scale factor. Too much shared memory required: "
+                               "90268 vs 65536")
+        return interpolate(x, *args, antialias=antialias, **kwargs)
+
+    image = torch.randint(0, 256, (3, 900, 1300), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    direct = processing.resize_uint8_in_float(image, 12, 17)
+    monkeypatch.setattr(torch.nn.functional, "interpolate", refusing)
+    fallback = processing.resize_uint8_in_float(image, 12, 17)
+    assert len(refused) == 2  # both passes refused, both resized
+    assert fallback.shape == direct.shape and (fallback - direct).abs().max() <= 1
+    assert (fallback != direct).float().mean() < 0.01
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(torch.nn.functional, "interpolate", failing)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        processing.interpolate_antialias(image[None].float(), (12, 17))
+
+
 def test_processor_settings_from_config_and_directory(models, tmp_path):
     hf, ours, directory = models
     for task, params in TASK_PARAMS.items():
