@@ -192,7 +192,8 @@ def resize_uint8_in_float(image: torch.Tensor, height: int, width: int) -> torch
 def interpolate_antialias(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """``F.interpolate(x, size, mode="bilinear", antialias=True)`` of float (N, C, H, W). GPU backends refuse
     large downscales (their kernel keeps the filter weights in shared memory: CUDA's "Too much shared memory
-    required" past about 90x, ROCm's at page-sized images); those get ``interpolate_antialias_matmul``, the
+    required" at very large factors, read from its source rather than measured here; ROCm's already at
+    page-sized images, as reported elsewhere); those get ``interpolate_antialias_matmul``, the
     same filter as two matrix products, instead of an error."""
     try:
         return F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
