@@ -48,10 +48,11 @@ class Rule:
     hf_shapes: tuple[tuple[int, ...], ...]
     kind: str = "copy"
 
-    def to_model(self, tensors: list[torch.Tensor | None], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def to_model(self, tensors: list[torch.Tensor | None], like: torch.Tensor | None = None) -> torch.Tensor:
         """The model's weight from the hf tensors (None for a part the checkpoint does not hold: zeros of
-        ``dtype``, the checkpoint's)."""
-        tensors = [t if t is not None else torch.zeros(shape, dtype=dtype) for t, shape in zip(tensors, self.hf_shapes)]
+        ``like``'s dtype and device, the checkpoint's; float32 on the CPU without it)."""
+        kind = {"dtype": like.dtype, "device": like.device} if like is not None else {"dtype": torch.float32}
+        tensors = [t if t is not None else torch.zeros(shape, **kind) for t, shape in zip(tensors, self.hf_shapes)]
         if self.kind == "copy":
             return tensors[0]
         if self.kind == "reshape":
@@ -245,8 +246,8 @@ def convert_hf_state_dict(
         problems.append(f"mis-shaped keys: {_listing(misshaped)}")
     if problems:
         raise CheckpointError(f"{source} does not match its config: " + "; ".join(problems))
-    dtype = state[rules[0].hf_names[0]].dtype  # the patch weight's: zeros for absent parts in the stored dtype
-    weights = {rule.name: rule.to_model([state[n] if n else None for n in rule.hf_names], dtype) for rule in rules}
+    like = state[rules[0].hf_names[0]]  # the patch weight: absent parts are zeros of its dtype, on its device
+    weights = {rule.name: rule.to_model([state[n] if n else None for n in rule.hf_names], like) for rule in rules}
     probs = state.get("attn_mask_probs")
     weights["attn_mask_probs"] = torch.ones(config.num_blocks) if probs is None else probs.float()
     return weights

@@ -132,8 +132,9 @@ class EomtFastConfig:
 
     @property
     def rope_theta(self) -> float:
+        """rope_parameters' rope_theta (or an older config's top-level rope_theta), else 100."""
         params = self.rope_parameters or {}
-        return float(params.get("rope_theta", self.extra.get("rope_theta", DEFAULT_ROPE_THETA)))
+        return params.get("rope_theta", self.extra.get("rope_theta", DEFAULT_ROPE_THETA))
 
     @property
     def gated_mlp(self) -> bool:
@@ -223,8 +224,8 @@ class EomtFastConfig:
         if rope_type != "default":
             raise ConfigError(f"rope_parameters rope_type {rope_type!r} is not supported (EoMT-DINOv3 has 'default')")
         theta = self.rope_theta
-        if not theta > 0:
-            raise ConfigError(f"rope_theta must be > 0, got {theta!r}")
+        if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not theta > 0:
+            raise ConfigError(f"rope_theta must be a number > 0, got {theta!r}")
         if self.head_dim % 4:  # two axes, each rotating head_dim / 4 pairs
             raise ConfigError(f"rotary position embeddings need head_dim divisible by 4, got {self.head_dim}")
 

@@ -523,7 +523,7 @@ class EomtFastForUniversalSegmentation(nn.Module):
             raise ValueError(
                 f"pixel_values is {height}x{width}, the model expects {cfg.image_size}x{cfg.image_size} "
                 "(resize and pad with the image processor; "
-                + ("the attention masks are built at the config's patch grid)" if cfg.rope
+                + ("the mask head reshapes the patches to the config's grid, in transformers too)" if cfg.rope
                    else "position embeddings are not interpolated)")
             )
         if pixel_values.device != self.device:
@@ -538,15 +538,17 @@ class EomtFastForUniversalSegmentation(nn.Module):
         return x
 
     def _rope_tables(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """EoMT-DINOv3's (cos, sin) (P, head_dim) for the model's grid, in its dtype (computed in float32 and
-        cast, as transformers does), made once per device and dtype; None for a model without RoPE."""
+        """EoMT-DINOv3's (cos, sin) (P, head_dim) for the model's grid, in its dtype (computed in float32, or
+        float64 for a float64 model, and cast, as transformers does), made once per device and dtype; None
+        for a model without RoPE."""
         cfg = self.config
         if not cfg.rope:
             return None
         key = (self.device, self.dtype)
         tables = self._rope_cache.get(key)
         if tables is None:
-            cos, sin = rope_tables_ref(cfg.grid_size, cfg.grid_size, cfg.head_dim, cfg.rope_theta, self.device)
+            exact = torch.float64 if self.dtype == torch.float64 else torch.float32
+            cos, sin = rope_tables_ref(cfg.grid_size, cfg.grid_size, cfg.head_dim, cfg.rope_theta, self.device, exact)
             tables = (cos.to(self.dtype), sin.to(self.dtype))
             if not torch.compiler.is_compiling():  # a compiled graph computes them itself
                 self._rope_cache[key] = tables

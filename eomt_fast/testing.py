@@ -91,7 +91,14 @@ def random_hf_model(
     if attn_mask_probs is not None:
         model.attn_mask_probs.copy_(torch.tensor(attn_mask_probs, dtype=model.attn_mask_probs.dtype))
     model.set_attn_implementation(attn_implementation or register_oracle_attention())
-    return model.to(dtype)
+    model = model.to(dtype)
+    rotary = getattr(model, "rope_embeddings", None)
+    if rotary is not None and dtype in (torch.float16, torch.bfloat16):
+        # .to() casts EoMT-DINOv3's frequency buffer too (from_pretrained(dtype=...) keeps it float32):
+        # a bf16 inv_freq would be transformers' own error, not the dtype's
+        rotary.inv_freq = rotary.inv_freq.float()
+        rotary.original_inv_freq = rotary.original_inv_freq.float()
+    return model
 
 
 # ---- Triton kernel tests ---------------------------------------------------------------------------------

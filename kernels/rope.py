@@ -6,7 +6,9 @@
   transformers' ``apply_rotary_pos_emb`` of EomtDinov3. Values are untouched. With ``out=qkv`` it
   rotates in place. Computes in the input dtype (as transformers, whose cos/sin are in that dtype too).
 - ``rope_tables_ref``: the cos/sin tables of a g_h x g_w patch grid (DINOv3's axial RoPE: patch centres
-  in [-1, 1], D/4 frequencies per axis, the y angles then the x angles, repeated for the two halves).
+  in [-1, 1], D/4 frequencies per axis, the y angles then the x angles, repeated for the two halves),
+  computed on the CPU as transformers computes them: frequencies and coordinates in float32, the angles in
+  float32 (float64 for a float64 model, whose cast frequency buffer makes transformers' angles float64).
 
 The Triton kernel rotates in place, one (token block, head, image) per program, in fp32 with one rounding
 to the output dtype; it reads each q/k element once and writes it once (values are never read).
@@ -26,18 +28,21 @@ _INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def rope_tables_ref(grid_h: int, grid_w: int, head_dim: int, theta: float,
-                    device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin (grid_h * grid_w, head_dim) float32 for the patches in row-major order, as transformers'
-    EomtDinov3RotaryEmbedding computes them in inference (no coordinate augmentation)."""
+                    device: torch.device | str | None = None,
+                    dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin (grid_h * grid_w, head_dim) for the patches in row-major order, as transformers'
+    EomtDinov3RotaryEmbedding computes them in inference (no coordinate augmentation). ``dtype``: that of
+    the frequencies in the angle product, float32 (transformers' buffer) or float64 (the buffer after
+    ``model.double()``); computed on the CPU, then moved to ``device``."""
     if head_dim % 4:
         raise ValueError(f"rotary embeddings need head_dim divisible by 4, got {head_dim}")
-    inv_freq = 1.0 / theta ** torch.arange(0, 1, 4 / head_dim, dtype=torch.float32, device=device)
-    coords_h = torch.arange(0.5, grid_h, dtype=torch.float32, device=device) / grid_h
-    coords_w = torch.arange(0.5, grid_w, dtype=torch.float32, device=device) / grid_w
+    inv_freq = (1.0 / theta ** torch.arange(0, 1, 4 / head_dim, dtype=torch.float32)).to(dtype)
+    coords_h = torch.arange(0.5, grid_h, dtype=torch.float32) / grid_h
+    coords_w = torch.arange(0.5, grid_w, dtype=torch.float32) / grid_w
     coords = torch.stack(torch.meshgrid(coords_h, coords_w, indexing="ij"), dim=-1).flatten(0, 1)
-    coords = 2.0 * coords - 1.0  # (P, 2) (y, x) in [-1, 1]
+    coords = 2.0 * coords - 1.0  # (P, 2) (y, x) in [-1, 1], float32 as in transformers
     angles = (2 * math.pi * coords[:, :, None] * inv_freq[None, None, :]).flatten(1, 2).tile(2)  # (P, D)
-    return torch.cos(angles), torch.sin(angles)
+    return torch.cos(angles).to(device), torch.sin(angles).to(device)
 
 
 def _check(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int) -> tuple[int, int]:

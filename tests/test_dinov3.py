@@ -78,6 +78,18 @@ def test_absent_biases_are_zeros_and_stay_absent(tmp_path):
     assert "mlp_ratio" not in data and "use_swiglu_ffn" not in data and data["key_bias"] is False
 
 
+def test_absent_parts_are_made_on_the_checkpoints_device():
+    """from_hf of a transformers model on a GPU: the zeros standing for the absent key bias are made where the
+    checkpoint's tensors are (meta here stands for CUDA), or the fused bias' torch.cat would fail."""
+    from eomt_fast.checkpoint import convert_hf_state_dict
+
+    hf = hf_model("dinov3_r4", dtype=torch.bfloat16)
+    state = {k: v.to("meta") for k, v in hf.state_dict().items()}
+    weights = convert_hf_state_dict(state, EomtFastConfig.from_hf(hf.config))
+    assert {w.device.type for w in weights.values()} == {"meta"}
+    assert weights["layers.0.qkv_bias"].dtype == weights["position_embeddings"].dtype == torch.bfloat16
+
+
 def test_save_pretrained_loads_in_transformers_with_the_same_outputs(tmp_path):
     hf = hf_model("dinov3_r4", seed=2, probs=[1.0, 0.0])
     ours = EomtFastForUniversalSegmentation.from_hf(hf)
@@ -153,7 +165,10 @@ def test_triton_backend_matches_plain_path_fp32(name, probs):
     [
         ({"use_gated_mlp": True}, "use_gated_mlp=true is not supported"),
         ({"rope_parameters": {"rope_type": "linear", "rope_theta": 100.0}}, "rope_type 'linear' is not supported"),
-        ({"rope_parameters": {"rope_theta": 0}}, "rope_theta must be > 0"),
+        ({"rope_parameters": {"rope_theta": 0}}, "rope_theta must be a number > 0, got 0"),
+        ({"rope_parameters": {"rope_theta": None}}, "rope_theta must be a number > 0, got None"),
+        ({"rope_parameters": {"rope_theta": "100"}}, "rope_theta must be a number > 0, got '100'"),
+        ({"rope_parameters": {"rope_theta": True}}, "rope_theta must be a number > 0, got True"),
         ({"hidden_size": 36, "num_attention_heads": 6}, "head_dim divisible by 4"),
         ({"key_bias": "no"}, "key_bias must be true or false"),
         ({"intermediate_size": 0}, "intermediate_size must be a positive int"),

@@ -90,15 +90,18 @@ def test_reference_matches_transformers_apply_rotary_pos_emb():
     assert torch.equal(rope_ref(qkv, cos, sin, heads), expected)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("grid,head_dim,theta", [((4, 4), 16, 100.0), ((3, 5), 12, 1000.0), ((40, 40), 64, 100.0)])
-def test_tables_match_transformers(grid, head_dim, theta):
+def test_tables_match_transformers(grid, head_dim, theta, dtype):
+    """Bit for bit: transformers' module as built (float32 frequencies), and after .double() (a float64
+    model, whose angles are then float64)."""
     transformers = pytest.importorskip("transformers")
     config = transformers.EomtDinov3Config(hidden_size=head_dim * 2, num_attention_heads=2, patch_size=16,
                                            rope_parameters={"rope_type": "default", "rope_theta": theta})
     rotary = transformers.models.eomt_dinov3.modeling_eomt_dinov3.EomtDinov3RotaryEmbedding(config).eval()
-    cos, sin = rotary(torch.zeros(1, 3, grid[0] * 16, grid[1] * 16))
-    ours = rope_tables_ref(*grid, head_dim, theta)
-    assert torch.equal(ours[0], cos) and torch.equal(ours[1], sin)
+    cos, sin = rotary.to(dtype)(torch.zeros(1, 3, grid[0] * 16, grid[1] * 16, dtype=dtype))
+    ours = rope_tables_ref(*grid, head_dim, theta, dtype=dtype)
+    assert ours[0].dtype == dtype and torch.equal(ours[0], cos) and torch.equal(ours[1], sin)
 
 
 def test_registered_ops():
@@ -152,10 +155,10 @@ def test_real_shapes_gpu(batch, dtype):
 
 @pytest.mark.gpu
 def test_real_tables_gpu():
-    """The model's tables (computed on the GPU) against the CPU's, and a rotation that keeps every pair's norm."""
+    """The model's tables (computed on the CPU, moved) and a rotation that keeps every pair's norm."""
     cos, sin = rope_tables_ref(40, 40, 64, 100.0, device="cuda")
     ref = rope_tables_ref(40, 40, 64, 100.0)
-    torch.testing.assert_close(cos.cpu(), ref[0], rtol=0, atol=1e-5)
+    assert cos.is_cuda and torch.equal(cos.cpu(), ref[0]) and torch.equal(sin.cpu(), ref[1])
     qkv, _, _, heads = make_inputs(1, 1805, 1600, 16, 64, torch.float32, device="cuda")
     got = rope_forward(qkv, cos, sin, heads)
     pairs = lambda t: t[:, -1600:, :2048].unflatten(-1, (32, 2, 32))  # noqa: E731
