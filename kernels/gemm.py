@@ -46,8 +46,12 @@ slices of its token buffer without a copy.
 
 In place: ``residual`` may be ``out`` itself (the same view): every element is read and then written
 by the same program, so the residual stream is updated in place (``out_projection``, ``layernorm_mlp``
-with ``out=x``). The autotuner runs a kernel several times while it benchmarks; for an in-place call
-it restores ``out`` after each run (``restore_value``).
+with ``out=x``). The autotuner runs a kernel several times while it benchmarks, so an in-place call is
+tuned on a scratch output of out's layout (the residual read from out, the result written to scratch:
+out unchanged however often it runs), and then launched once with the winning tile. Triton's
+``restore_value`` would also keep out intact, but it clones and copies out inside every timed run (at
+batch 1 about as long as the GEMM itself), which blurs the comparison of the tiles; it remains the
+fallback for a Triton whose autotuner does not report the tile it chose (``best_config``).
 
 Tiles: on a GPU, ``@triton.autotune`` over a handful of tile shapes (keyed on M, N, K and the flags)
 with GROUP_M swizzling of the tile order for L2 reuse; under the interpreter exactly one small tile.
@@ -172,6 +176,27 @@ def gemm_configs(glu: bool = False, ln_prologue: bool = False, fp32: bool = Fals
     if view_4d:  # the 4-D addressing divides row and column indices: registers the big tiles lack
         configs = [c for c in configs if _accumulators_per_thread(c) <= 64]
     return configs
+
+
+# The tile chosen for each in-place call shape (see the module docstring), keyed on everything the
+# autotuner's key holds: flags, sizes and dtypes. Filled on the first call of a shape (before any CUDA-graph
+# capture, whose warm-up runs it), read by every later one.
+_IN_PLACE_TILES: dict[tuple, triton.Config | None] = {}
+
+
+def _in_place_tile(tuned, key: tuple, grid: Callable, args: tuple, out: torch.Tensor, meta: dict):
+    """The tile for an in-place call: ``tuned`` benchmarks its configs on a scratch output of ``out``'s
+    shape and strides (``args`` with Out replaced; the residual still reads ``out``), once per ``key``.
+    None when this Triton's autotuner does not say which config won."""
+    if key not in _IN_PLACE_TILES:
+        if len(tuned.configs) == 1:  # nothing to benchmark (the interpreter)
+            tile = tuned.configs[0]
+        else:
+            scratch = torch.empty_strided(out.shape, out.stride(), dtype=out.dtype, device=out.device)
+            tuned[grid](*args[:2], scratch, *args[3:], **meta, **LAUNCH_OPTIONS)
+            tile = getattr(tuned, "best_config", None)  # None (remembered too): the restoring autotuner
+        _IN_PLACE_TILES[key] = tile
+    return _IN_PLACE_TILES[key]
 
 
 @functools.lru_cache(maxsize=None)
@@ -733,9 +758,17 @@ def gemm(
         _gemm_kernel[grid(config.meta())](*args, **epilogue, **mainloop, **config.meta(),
                                           num_warps=config.num_warps, num_stages=config.num_stages, **LAUNCH_OPTIONS)
     else:
-        # an in-place call must find out unchanged after each of the autotuner's benchmark runs
-        tuned = _tuned_kernel(glu, mean is not None, a.dtype == torch.float32, view_4d, in_place and split_k == 1)
-        tuned[grid](*args, **epilogue, **mainloop, **LAUNCH_OPTIONS)
+        flags = (glu, mean is not None, a.dtype == torch.float32, view_4d)
+        tuned, meta, tile = _tuned_kernel(*flags), {**epilogue, **mainloop}, None
+        if in_place and split_k == 1:  # (with split-K the GEMM writes the workspace, not out)
+            key = (*flags, m, n, k, a.dtype, weight.dtype, out.dtype, tuple(sorted(meta.items())))
+            tile = _in_place_tile(tuned, key, grid, args, out, meta)
+            if tile is None:  # restore out after each benchmark run instead
+                tuned = _tuned_kernel(*flags, restore_out=True)
+        if tile is not None:
+            _gemm_kernel[grid(tile.kwargs)](*args, **meta, **tile.all_kwargs(), **LAUNCH_OPTIONS)
+        else:
+            tuned[grid](*args, **meta, **LAUNCH_OPTIONS)
     if split_k > 1:
         _splitk_reduce_kernel[(triton.cdiv(m, REDUCE_BLOCK), triton.cdiv(n, REDUCE_BLOCK))](
             workspace[0], workspace[-1], out, bias_, scale_, residual_, m, n, *out_geom, *res_strides, n,

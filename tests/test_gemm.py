@@ -251,9 +251,56 @@ def test_gemm_in_place_needs_the_same_view():
     a, w = rnd(3 * 36, 64), rnd(48, 64, std=64**-0.5)
     with pytest.raises(ValueError, match="share memory"):
         G.gemm(a, w, residual=tokens[:, 5:-1], out=tokens[:, 6:])
-    # an in-place call on a GPU is autotuned with out restored after each benchmark run
+    # the fallback for an in-place call (a Triton that does not report its choice): out restored after each run
     assert G._tuned_kernel(False, False, False, False, True).restore_value == ["Out"]
     assert not G._tuned_kernel(False, False, False, False).restore_value
+
+
+class FakeTuner:
+    """Stands for a multi-config autotuner: records what its benchmark launch was given, runs the real kernel
+    with ``chosen`` (so that a scratch output really is written), and reports ``chosen`` as best_config."""
+
+    def __init__(self, chosen, report: bool = True):
+        self.configs = [chosen, chosen]
+        self.chosen, self.report, self.launches = chosen, report, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **meta):
+            self.launches.append(args)
+            G._gemm_kernel[grid(self.chosen.kwargs)](*args, **meta, **self.chosen.all_kwargs())
+            if self.report:
+                self.best_config = self.chosen
+        return launch
+
+
+@pytest.mark.parametrize("report", [True, False], ids=["best_config", "no_best_config"])
+def test_in_place_calls_are_tuned_on_a_scratch_output(monkeypatch, report):
+    """An in-place call with several tiles to choose from: the benchmark launch writes a scratch tensor of out's
+    layout while its residual reads out (out is unchanged by it), then the chosen tile runs once on out; a
+    second call of the shape reuses the choice. A Triton without best_config gets the restoring autotuner."""
+    interpreter_tile = G.triton.Config(G.INTERPRETER_CONFIG.meta(), num_warps=4, num_stages=1)
+    tuner, asked, real = FakeTuner(interpreter_tile, report), [], G._tuned_kernel
+
+    def tuned_kernel(*flags, restore_out=False):
+        asked.append(restore_out)
+        return tuner if not restore_out else real(*flags, restore_out=True)
+
+    monkeypatch.setattr(G, "_tuned_kernel", tuned_kernel)
+    monkeypatch.setattr(G, "_IN_PLACE_TILES", {})
+    tokens, body, rnd = token_layer_case(torch.float32)
+    a, w, bias, scale = rnd(3 * 37, 64), rnd(48, 64, std=64**-0.5), rnd(48, std=0.1), rnd(48, std=0.5)
+    residual = body.clone()
+    for call in range(2):
+        expected = gemm_ref(a, w, bias, scale=scale, residual=body.reshape(-1, 48))
+        G.gemm(a, w, bias, scale=scale, residual=body, out=body)
+        torch.testing.assert_close(body.reshape(-1, 48), expected, rtol=1e-5, atol=1e-5)
+    assert len(tuner.launches) == 1, "tuned once per shape"
+    (launch,) = tuner.launches
+    assert launch[2] is not body and launch[2].shape == body.shape and launch[2].stride() == body.stride()
+    assert launch[5] is body  # the residual: read from out
+    assert asked == ([False, False] if report else [False, True, False, True])
+    assert list(G._IN_PLACE_TILES.values()) == [interpreter_tile if report else None]
+    assert not torch.equal(body, residual) and torch.isnan(tokens[:, :5]).all()
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
@@ -358,8 +405,8 @@ def test_gemm_real_shapes_gpu(case, dtype):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=DTYPE_IDS.get)
 def test_gemm_in_place_token_buffer_gpu(dtype):
     """EoMT-L's first layers at batch 2: fc2 (K 4096) adds into the (2, 1605, 1024) slice of the (2, 1805, 1024)
-    token buffer in place, at an M the autotuner has not seen (it benchmarks every config, restoring out after
-    each run: without that the residual would be added once per run)."""
+    token buffer in place, at an M the autotuner has not seen (it benchmarks every config on a scratch output,
+    then the winner runs once on out: a benchmark run on out would add the residual once per run)."""
     g = torch.Generator().manual_seed(7)
     rnd = normal_sampler(g, dtype, "cuda")
     tokens = poison_(torch.empty(2, 1805, 1024, dtype=dtype, device="cuda"))
