@@ -214,3 +214,24 @@ def test_fullgraph_compile_matches_transformers():
                                    atol=1e-4)
         model(x)  # fills the cache for the second round
         torch._dynamo.reset()
+
+
+def test_cuda_graph_runner_logic_with_rotary_tables():
+    """CudaGraphs' logic (capture replaced by capture_eagerly, as in tests/test_cuda_graphs.py) on a DINOv3 model:
+    the rotary tables are made by the warm-up, outside the capture, and replays equal the eager forward; a
+    cast drops the tables, and the runner (seeing the weights move) captures again with new ones."""
+    from eomt_fast.cuda_graphs import CudaGraphs, capture_eagerly
+
+    hf = hf_model("dinov3_r4", seed=31, dtype=torch.float32, probs=[1.0, 0.0])
+    model = EomtFastForUniversalSegmentation.from_hf(hf, backend="torch")
+    graphs = CudaGraphs(model, capture=capture_eagerly)
+    x = torch.randn(2, 3, 64, 64)
+    for _ in range(2):
+        got = graphs(x)
+        assert torch.equal(got.masks_queries_logits, model(x).masks_queries_logits)
+    assert list(model._rope_cache) == [(torch.device("cpu"), torch.float32)]
+    generation = model.weights_generation
+    model.double()
+    assert not model._rope_cache and model.weights_generation > generation
+    assert torch.equal(graphs(x.double()).masks_queries_logits, model(x.double()).masks_queries_logits)
+    assert list(model._rope_cache) == [(torch.device("cpu"), torch.float64)]
