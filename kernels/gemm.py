@@ -185,7 +185,8 @@ def gemm_configs(glu: bool = False, ln_prologue: bool = False, fp32: bool = Fals
 _IN_PLACE_TILES: dict[tuple, triton.Config | None] = {}
 
 
-def _in_place_tile(tuned, key: tuple, grid: Callable, args: tuple, out: torch.Tensor, meta: dict):
+@on_input_device
+def _in_place_tile(out: torch.Tensor, tuned, key: tuple, grid: Callable, args: tuple, meta: dict):
     """The tile for an in-place call: ``tuned`` benchmarks its configs on a scratch output of ``out``'s
     shape and strides (``args`` with Out replaced; the residual still reads ``out``), once per ``key``.
     None when this Triton's autotuner does not say which config won."""
@@ -763,7 +764,7 @@ def gemm(
         tuned, meta, tile = _tuned_kernel(*flags), {**epilogue, **mainloop}, None
         if in_place and split_k == 1:  # (with split-K the GEMM writes the workspace, not out)
             key = (*flags, m, n, k, a.dtype, weight.dtype, out.dtype, tuple(sorted(meta.items())))
-            tile = _in_place_tile(tuned, key, grid, args, out, meta)
+            tile = _in_place_tile(out, tuned, key, grid, args, meta)
             if tile is None:  # restore out after each benchmark run instead
                 tuned = _tuned_kernel(*flags, restore_out=True)
         if tile is not None:
