@@ -53,7 +53,9 @@ def cmd_info(args: argparse.Namespace) -> int:
             print(f"  unavailable: {exc}")
             continue
         for path in paths:
-            print(f"  {path.op:<20} {path.impl:<7} {path.reason}")
+            unused = dispatch.unused_reason(path.op, config)
+            impl, reason = ("-", unused) if unused else (path.impl, path.reason)
+            print(f"  {path.op:<20} {impl:<7} {reason}")
     return 0
 
 

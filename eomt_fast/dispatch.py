@@ -60,6 +60,19 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def unused_reason(op: str, config) -> str | None:
+    """Why a model with this config never calls ``op`` (None: it does, or no config was given)."""
+    if config is None:
+        return None
+    if op == "rope" and not config.rope:
+        return "not used by this model (no rotary embeddings: EoMT-DINOv3 only)"
+    if op == "layernorm_swiglu" and not config.gated_mlp:
+        return "not used by this model (a GELU MLP)"
+    if op == "layernorm_mlp" and config.gated_mlp:
+        return "not used by this model (a SwiGLU MLP)"
+    return None
+
+
 def config_limit(op: str, config) -> str | None:
     """Why the Triton kernel of ``op`` cannot run this model config (None: it can)."""
     if config is None:

@@ -31,6 +31,9 @@ def test_info_on_a_model(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "attn_mask_probs [1.0, 0.0]" in result.stdout
     assert "torch.float32" not in result.stdout and "ops on cpu, float32" in result.stdout
+    lines = {line.split()[0]: line for line in result.stdout.splitlines() if line.startswith("  ")}
+    assert "not used by this model" in lines["rope"] and "not used by this model" in lines["layernorm_swiglu"]
+    assert "not used" not in lines["layernorm_mlp"] and "not used" not in lines["attention"]
 
 
 def test_info_reports_a_bad_model_directory_clearly(tmp_path):
