@@ -192,42 +192,59 @@ def resize_uint8_in_float(image: torch.Tensor, height: int, width: int) -> torch
 def interpolate_antialias(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """``F.interpolate(x, size, mode="bilinear", antialias=True)`` of float (N, C, H, W). GPU backends refuse
     large downscales (their kernel keeps the filter weights in shared memory: CUDA's "Too much shared memory
-    required" at very large factors, read from its source rather than measured here; ROCm's already at
-    page-sized images, as reported elsewhere); those get ``interpolate_antialias_matmul``, the
-    same filter as two matrix products, instead of an error."""
+    required" at very large factors, read from its source rather than measured here; ROCm's, compiled from
+    the same source, already at page-sized images, as reported elsewhere); those get
+    ``interpolate_antialias_taps``, the same filter as a gather and a weighted sum, instead of an error."""
     try:
         return F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
     except RuntimeError as exc:
-        if "shared memory" not in str(exc):
+        if "Too much shared memory" not in str(exc):
             raise
-        return interpolate_antialias_matmul(x, size)
+        return interpolate_antialias_taps(x, size)
 
 
-def antialias_weights(in_size: int, out_size: int) -> torch.Tensor:
-    """(out_size, in_size) float64: row i holds the weights of torch's (and Pillow's) antialiased bilinear
-    resize for output pixel i, the triangle filter widened by the downscale factor (support = the scale
-    when shrinking, 1 when enlarging), cut to [xmin, xmax) as torch cuts it and normalised to sum 1."""
+def antialias_taps(in_size: int, out_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(index, weight), both (out_size, taps): the input pixels and float64 weights of torch's (and
+    Pillow's) antialiased bilinear resize for each output pixel: the triangle filter widened by the
+    downscale factor (support = the scale when shrinking, 1 when enlarging), cut to [xmin, xmax) as torch
+    cuts it and normalised to sum 1; taps past xmax have weight 0 (and a clamped index)."""
     scale = in_size / out_size
     support, inverse = (scale, 1.0 / scale) if scale >= 1.0 else (1.0, 1.0)
     center = scale * (torch.arange(out_size, dtype=torch.float64) + 0.5)
     first = (center - support + 0.5).trunc().clamp(min=0)  # torch: int64_t(center - support + 0.5), then max 0
     stop = (center + support + 0.5).trunc().clamp(max=in_size)
-    pixels = torch.arange(in_size, dtype=torch.float64)
-    weights = (1.0 - ((pixels[None, :] - center[:, None] + 0.5) * inverse).abs()).clamp(min=0.0)
-    weights = weights * ((pixels[None, :] >= first[:, None]) & (pixels[None, :] < stop[:, None]))
-    total = weights.sum(dim=1, keepdim=True)
-    return torch.where(total > 0, weights / total.clamp(min=1e-300), weights)
+    taps = int((stop - first).max().item())
+    index = first[:, None] + torch.arange(taps, dtype=torch.float64)[None, :]
+    weight = (1.0 - ((index - center[:, None] + 0.5) * inverse).abs()).clamp(min=0.0) * (index < stop[:, None])
+    total = weight.sum(dim=1, keepdim=True)
+    weight = torch.where(total > 0, weight / total.clamp(min=1e-300), weight)
+    return index.clamp(max=in_size - 1).long(), weight
 
 
-def interpolate_antialias_matmul(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """The antialiased bilinear resize of float (N, C, H, W) as ``rows @ x @ columns^T`` with dense
-    ``antialias_weights`` (any scale, any device; float32 products, so it matches F.interpolate to rounding)."""
+_TAPS_CHUNK_BYTES = 64 << 20  # the gathered (rows, out, taps) block of one step
+
+
+def _resize_last_axis(x: torch.Tensor, size: int) -> torch.Tensor:
+    index, weight = antialias_taps(x.shape[-1], size)
+    index, weight = index.to(x.device), weight.to(x.device, x.dtype)
+    rows = x.reshape(-1, x.shape[-1])
+    out = torch.empty(rows.shape[0], size, dtype=x.dtype, device=x.device)
+    step = max(1, _TAPS_CHUNK_BYTES // (size * index.shape[1] * x.element_size()))
+    for start in range(0, rows.shape[0], step):
+        out[start:start + step] = (rows[start:start + step][:, index] * weight).sum(dim=-1)
+    return out.reshape(*x.shape[:-1], size)
+
+
+def interpolate_antialias_taps(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """The antialiased bilinear resize of float (N, C, H, W), width then height, each output pixel the
+    weighted sum of its few input pixels (``antialias_taps``): any scale, any device, in x's dtype with
+    elementwise products (no matrix product, so no TF32), memory bounded by ``_TAPS_CHUNK_BYTES`` a step."""
     height, width = size
     h, w = x.shape[-2:]
     if w != width:
-        x = x @ antialias_weights(w, width).to(x.device, x.dtype).t()
+        x = _resize_last_axis(x, width)
     if h != height:
-        x = antialias_weights(h, height).to(x.device, x.dtype) @ x
+        x = _resize_last_axis(x.transpose(-1, -2), height).transpose(-1, -2)
     return x
 
 

@@ -291,7 +291,9 @@ def _attend_masked_keys(
     return acc, l_i, m_i
 
 
-@triton.jit
+# B only keys the autotuner: not specialised (batch 1 would otherwise compile every tile again, and as
+# another binary than the one check-kernels compiles)
+@triton.jit(do_not_specialize=["B"])
 def _masked_attention_fwd_kernel(
     QKV,  # (B, S, 3*C) fused projection output, any strides; q | k | v, heads of HEAD_DIM inside each
     Out,  # (B, S, C) output, last dim contiguous

@@ -69,6 +69,7 @@ from __future__ import annotations
 import functools
 import inspect
 import os
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -180,9 +181,21 @@ def gemm_configs(glu: bool = False, ln_prologue: bool = False, fp32: bool = Fals
 
 
 # The tile chosen for each in-place call shape (see the module docstring), keyed on everything the
-# autotuner's key holds: flags, sizes and dtypes. Filled on the first call of a shape (before any CUDA-graph
-# capture, whose warm-up runs it), read by every later one.
+# autotuner's key holds (flags, sizes, dtypes) and the device (a tile that fits one GPU's shared memory may
+# not fit another's). Filled on the first call of a shape (before any CUDA-graph capture, whose warm-up
+# runs it), read by every later one; the lock keeps two threads from reading each other's best_config.
 _IN_PLACE_TILES: dict[tuple, triton.Config | None] = {}
+_IN_PLACE_LOCK = threading.Lock()
+
+
+def _scratch_like(out: torch.Tensor) -> torch.Tensor:
+    """A tensor of out's shape, strides, dtype, device and address modulo 16 bytes (Triton compiles pointer
+    alignment into the kernel: the trials must run the variant that then runs on out)."""
+    extent = 1 + sum((size - 1) * stride for size, stride in zip(out.shape, out.stride()))
+    pad = 16 // out.element_size()
+    base = torch.empty(extent + pad, dtype=out.dtype, device=out.device)
+    shift = (out.data_ptr() - base.data_ptr()) % 16 // out.element_size()
+    return base.as_strided(out.shape, out.stride(), shift)
 
 
 @on_input_device
@@ -191,13 +204,13 @@ def _in_place_tile(out: torch.Tensor, tuned, key: tuple, grid: Callable, args: t
     shape and strides (``args`` with Out replaced; the residual still reads ``out``), once per ``key``.
     None when this Triton's autotuner does not say which config won."""
     if key not in _IN_PLACE_TILES:
-        if len(tuned.configs) == 1:  # nothing to benchmark (the interpreter)
-            tile = tuned.configs[0]
-        else:
-            scratch = torch.empty_strided(out.shape, out.stride(), dtype=out.dtype, device=out.device)
-            tuned[grid](*args[:2], scratch, *args[3:], **meta, **LAUNCH_OPTIONS)
-            tile = getattr(tuned, "best_config", None)  # None (remembered too): the restoring autotuner
-        _IN_PLACE_TILES[key] = tile
+        with _IN_PLACE_LOCK:
+            if len(tuned.configs) == 1:  # nothing to benchmark (the interpreter)
+                tile = tuned.configs[0]
+            else:
+                tuned[grid](*args[:2], _scratch_like(out), *args[3:], **meta, **LAUNCH_OPTIONS)
+                tile = getattr(tuned, "best_config", None)  # None (remembered too): the restoring autotuner
+            _IN_PLACE_TILES[key] = tile
     return _IN_PLACE_TILES[key]
 
 
@@ -763,7 +776,7 @@ def gemm(
         flags = (glu, mean is not None, a.dtype == torch.float32, view_4d)
         tuned, meta, tile = _tuned_kernel(*flags), {**epilogue, **mainloop}, None
         if in_place and split_k == 1:  # (with split-K the GEMM writes the workspace, not out)
-            key = (*flags, m, n, k, a.dtype, weight.dtype, out.dtype, tuple(sorted(meta.items())))
+            key = (*flags, m, n, k, a.dtype, weight.dtype, out.dtype, out.device, tuple(sorted(meta.items())))
             tile = _in_place_tile(out, tuned, key, grid, args, meta)
             if tile is None:  # restore out after each benchmark run instead
                 tuned = _tuned_kernel(*flags, restore_out=True)

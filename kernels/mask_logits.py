@@ -104,7 +104,9 @@ def _tuned_grid_mask_kernel(fp32: bool):
     return triton.autotune(configs=configs, key=key)(_grid_mask_kernel)
 
 
-@triton.jit
+# B only keys the autotuner: not specialised (batch 1 would otherwise compile every tile again, and as
+# another binary than the one check-kernels compiles)
+@triton.jit(do_not_specialize=["B"])
 def _grid_mask_kernel(
     X,  # (B, H, W, C) pixel embeddings, channels-last, any strides
     E,  # (B, Q, C) mask embeddings, any strides

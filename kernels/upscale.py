@@ -178,7 +178,9 @@ def _dwconv_tap(acc, row, row_inside, cols, W, offs_c, mask_c, stride_yw, stride
     return acc + x.to(tl.float32) * tap[None, :]
 
 
-@triton.jit
+# B only keys the autotuner: not specialised (batch 1 would otherwise compile every tile again, and as
+# another binary than the one check-kernels compiles)
+@triton.jit(do_not_specialize=["B"])
 def _dwconv_layernorm_kernel(
     Y,  # (B, H, W, C) GELU(ConvTranspose) output, channels-last, any strides
     Wd,  # (C, 1, 3, 3) depthwise conv weight, any strides

@@ -273,6 +273,17 @@ class FakeTuner:
         return launch
 
 
+@pytest.mark.parametrize("offset", [0, 1, 3])
+def test_scratch_output_keeps_the_layout_and_alignment(offset):
+    buffer = torch.empty(2 * 7 * 12 + 8, dtype=torch.float32)
+    out = buffer[offset:offset + 2 * 7 * 12].view(2, 7, 12)[:, 2:]  # a row-split slice at an odd address
+    scratch = G._scratch_like(out)
+    assert scratch.shape == out.shape and scratch.stride() == out.stride() and scratch.dtype == out.dtype
+    assert scratch.data_ptr() % 16 == out.data_ptr() % 16
+    assert scratch.untyped_storage().data_ptr() != out.untyped_storage().data_ptr()
+    scratch.fill_(1.0)  # every offset the view reaches is inside its storage
+
+
 @pytest.mark.parametrize("report", [True, False], ids=["best_config", "no_best_config"])
 def test_in_place_calls_are_tuned_on_a_scratch_output(monkeypatch, report):
     """An in-place call with several tiles to choose from: the benchmark launch writes a scratch tensor of out's
@@ -297,6 +308,7 @@ def test_in_place_calls_are_tuned_on_a_scratch_output(monkeypatch, report):
     assert len(tuner.launches) == 1, "tuned once per shape"
     (launch,) = tuner.launches
     assert launch[2] is not body and launch[2].shape == body.shape and launch[2].stride() == body.stride()
+    assert launch[2].data_ptr() % 16 == body.data_ptr() % 16  # the same alignment: the same compiled variant
     assert launch[5] is body  # the residual: read from out
     assert asked == ([False, False] if report else [False, True, False, True])
     assert list(G._IN_PLACE_TILES.values()) == [interpreter_tile if report else None]

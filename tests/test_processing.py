@@ -220,18 +220,18 @@ def test_device_paths_on_the_cpu():
 
 @pytest.mark.parametrize("shape,size", [((37, 53), (10, 20)), ((3000, 200), (16, 20)), ((5, 12000), (4, 64)),
                                         ((23, 29), (31, 7)), ((64, 64), (128, 96))])
-def test_antialias_matmul_matches_interpolate(shape, size):
+def test_antialias_taps_match_interpolate(shape, size):
     """The fallback for large downscales on a GPU: the same filter as F.interpolate(antialias=True) (which has
     no scale limit on the CPU), to float32 rounding on a 0-255 scale; shrinking, enlarging and mixed."""
     x = torch.rand(2, 3, *shape, generator=torch.Generator().manual_seed(1)) * 255
     expected = torch.nn.functional.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
-    got = processing.interpolate_antialias_matmul(x, size)
+    got = processing.interpolate_antialias_taps(x, size)
     assert got.shape == expected.shape and (got - expected).abs().max() < 2e-3
 
 
 def test_large_downscales_fall_back_when_the_gpu_kernel_refuses(monkeypatch):
     """A GPU antialias kernel that refuses the scale ("Too much shared memory required", as CUDA's past about
-    90x and ROCm's at page sizes) gets the matrix form: the image is resized, within a level of the direct
+    90x and ROCm's at page sizes) gets the gather-and-sum form: the image is resized, within a level of the direct
     path; any other error still propagates."""
     interpolate = torch.nn.functional.interpolate
     refused = []
