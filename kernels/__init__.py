@@ -10,13 +10,28 @@ that is both the CPU fallback of the model and the reference its Triton kernel i
 
 if __name__ != "eomt_fast.kernels":
     # Imported as a top-level `kernels`: Python put a checkout's root on sys.path (`python -m ...` or
-    # `python -c ...` run from the root), and transformers probes for the Hugging Face `kernels` package
-    # by importing it. Raising here would crash `import transformers`; instead this module stays an empty
-    # stray directory with no version and no file, which transformers reports as "kernels not available".
-    # None of eomt_fast's code is reachable under this name.
-    __file__ = None
-    __path__ = []
-    __all__ = []
+    # `python -c ...` run from the root), and transformers imports the Hugging Face `kernels` package
+    # (a dependency of transformers since 5.25) by that name. When that package is installed it takes this
+    # module's place: it is looked up on sys.path without the checkout's root, executed, and put in
+    # sys.modules, which is what `import kernels` then returns. Without it this module stays an empty stray
+    # directory with no version and no file, which transformers reports as "kernels not available".
+    # Raising here would crash `import transformers`. None of eomt_fast's code is reachable under this name.
+    import importlib.machinery as _machinery
+    import importlib.util as _util
+    import os as _os
+    import sys as _sys
+
+    _checkout = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+    _search = [p for p in _sys.path if _os.path.abspath(p or _os.curdir) != _checkout]
+    _real = _machinery.PathFinder.find_spec(__name__, _search)
+    if _real is not None and _real.loader is not None:
+        _module = _util.module_from_spec(_real)
+        _sys.modules[__name__] = _module
+        _real.loader.exec_module(_module)
+    else:
+        __file__ = None
+        __path__ = []
+        __all__ = []
 else:
     from .attention import attention_ref, expand_query_patch_mask
     from .layernorm_mlp import layernorm_mlp_ref, layernorm_swiglu_ref

@@ -20,44 +20,63 @@ def test_kernels_is_a_subpackage():
     assert Path(eomt_fast.kernels.__file__).parent.name == "kernels"
 
 
+def _hub_kernels_installed() -> bool:
+    """Whether the Hugging Face `kernels` distribution is installed (transformers 5.25 depends on it)."""
+    import importlib.metadata
+
+    try:
+        importlib.metadata.distribution("kernels")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
 def test_kernels_cannot_be_imported_top_level_even_from_the_checkout():
     """From the repository root (where ./kernels is on sys.path) a top-level `kernels` holds none of our
-    code, and transformers, which probes for the Hugging Face `kernels` package, still imports EoMT."""
+    code: it is the Hugging Face `kernels` package when that is installed (transformers imports names from
+    it), else an empty stray module; either way transformers imports EoMT and sees the truth."""
     code = (
+        "import importlib.metadata, pathlib, sys\n"
+        f"root = pathlib.Path({str(ROOT)!r}).resolve()\n"
+        "try:\n"
+        "    importlib.metadata.distribution('kernels')\n"
+        "    real = True\n"
+        "except importlib.metadata.PackageNotFoundError:\n"
+        "    real = False\n"
         "import kernels\n"
-        "assert kernels.__file__ is None and not hasattr(kernels, 'attention_ref'), vars(kernels).keys()\n"
+        "assert not hasattr(kernels, 'attention_ref'), vars(kernels).keys()\n"
+        "if real:\n"
+        "    assert pathlib.Path(kernels.__file__).resolve().parent != root / 'kernels', kernels.__file__\n"
+        "else:\n"
+        "    assert kernels.__file__ is None, kernels.__file__\n"
         "try:\n"
         "    import kernels.attention\n"
         "except ImportError:\n"
         "    pass\n"
         "else:\n"
-        "    raise AssertionError('kernels.attention imported')\n"
+        "    assert pathlib.Path(kernels.attention.__file__).resolve().parent != root / 'kernels'\n"
         "from transformers import EomtForUniversalSegmentation\n"
         "from transformers.utils.import_utils import is_kernels_available\n"
-        "assert not is_kernels_available()\n"
-        "print('ok')\n"
+        "assert is_kernels_available() == real, (is_kernels_available(), real)\n"
+        "print('ok', real)\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
                             env=env)
-    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stdout + result.stderr
+    assert result.returncode == 0 and result.stdout.strip() == f"ok {_hub_kernels_installed()}", \
+        result.stdout + result.stderr
 
 
 def test_transformers_does_not_see_our_kernels_as_the_hub_package():
+    """transformers reports the Hub `kernels` package as available exactly when it is installed, whether or
+    not our kernels/ is on sys.path (python -m pytest from the checkout)."""
     pytest.importorskip("transformers")
     from transformers.utils import import_utils
 
     check = getattr(import_utils, "is_kernels_available", None)
     if check is None:
         pytest.skip("this transformers has no is_kernels_available")
-    found = importlib.util.find_spec("kernels")
-    # our own kernels/ is found as a top-level module when the checkout is on sys.path (python -m pytest):
-    # transformers must still not take it for the Hub package
-    ours = found is not None and (Path(str(found.origin)).resolve().is_relative_to(ROOT.resolve())
-                                  or "eomt_fast" in str(found.origin))
-    if found is not None and not ours:
-        pytest.skip("the real `kernels` package is installed")
-    assert not check()
+    assert check() == _hub_kernels_installed()
 
 
 def test_built_wheel_has_no_top_level_kernels(tmp_path):
