@@ -262,7 +262,8 @@ class EomtFastForUniversalSegmentation(nn.Module):
 
     Build it with ``from_pretrained`` (a transformers checkpoint directory or Hub id) or ``from_hf`` (a live
     ``transformers.EomtForUniversalSegmentation``, or ``EomtDinov3ForUniversalSegmentation``: see
-    ``EomtFastConfig.model_type``); ``EomtFastForUniversalSegmentation(config)`` gives random weights. ``model(pixel_values)`` returns the fields transformers returns, so transformers'
+    ``EomtFastConfig.model_type``); ``EomtFastForUniversalSegmentation(config)`` gives random weights.
+    ``model(pixel_values)`` returns the fields transformers returns, so transformers'
     ``EomtImageProcessor.post_process_*`` work on them unchanged.
     """
 

@@ -205,6 +205,8 @@ def _in_place_tile(out: torch.Tensor, tuned, key: tuple, grid: Callable, args: t
     None when this Triton's autotuner does not say which config won."""
     if key not in _IN_PLACE_TILES:
         with _IN_PLACE_LOCK:
+            if key in _IN_PLACE_TILES:  # another thread tuned it while this one waited
+                return _IN_PLACE_TILES[key]
             if len(tuned.configs) == 1:  # nothing to benchmark (the interpreter)
                 tile = tuned.configs[0]
             else:
