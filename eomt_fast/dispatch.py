@@ -13,14 +13,13 @@ residual itself), so the stream is written in place and no layer concatenates or
 from __future__ import annotations
 
 import importlib
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from . import kernels
-from .kernels._triton import HAS_TRITON
+from .kernels._triton import HAS_TRITON, triton_interpreting
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -54,10 +53,6 @@ def triton_ops() -> dict[str, Callable]:
     if unknown:
         raise AssertionError(f"TRITON_OPS names unknown ops: {sorted(unknown)}")
     return found
-
-
-def triton_interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def unused_reason(op: str, config) -> str | None:

@@ -60,6 +60,16 @@ except ImportError:  # pragma: no cover - exercised by tests/test_package.py in 
     tl = _Missing("triton.language")
 
 
+def triton_interpreting() -> bool:
+    """Whether Triton's interpreter is on, read now and as Triton reads ``TRITON_INTERPRET`` ("1", "true",
+    "on", "yes" in any case; "0", "false", "2" or unset: off). False without Triton."""
+    return HAS_TRITON and bool(triton.knobs.runtime.interpret)
+
+
+# As it was when this package was imported: ``@triton.jit`` decided then whether the kernels are compiled or
+# interpreted, so launch-time choices (one autotune config, tile sizes) follow this value, not a later one.
+INTERPRETING = triton_interpreting()
+
 F = TypeVar("F", bound=Callable)
 
 
@@ -95,4 +105,5 @@ def check_devices(name: str, tensor: torch.Tensor, **others: torch.Tensor | None
             raise ValueError(f"{name} is on {tensor.device} but {other_name} on {other.device}")
 
 
-__all__ = ["HAS_TRITON", "LAUNCH_OPTIONS", "check_devices", "device_of", "on_input_device", "tl", "triton"]
+__all__ = ["HAS_TRITON", "INTERPRETING", "LAUNCH_OPTIONS", "check_devices", "device_of", "on_input_device", "tl", "triton",
+           "triton_interpreting"]

@@ -8,11 +8,10 @@ boolean (B, Q, P) tensor (True = may attend), shared by all heads, and no (S, S)
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import torch.nn.functional as F
-from ._triton import LAUNCH_OPTIONS, check_devices, on_input_device, tl, triton  # Triton, or a stand-in without it
+from ._triton import INTERPRETING, LAUNCH_OPTIONS, check_devices, on_input_device, tl, triton  # Triton, or a stand-in without it
 
 
 def expand_query_patch_mask(query_patch_mask: torch.Tensor, seq_len: int, patch_start: int) -> torch.Tensor:
@@ -129,11 +128,10 @@ FP32_DOT_PRECISION = "tf32x3"
 MASK_WORD_ALIGN = 16
 MAX_BLOCK_N = 32 * MASK_WORD_ALIGN
 
-_INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _configs() -> list[triton.Config]:
-    if _INTERPRETING:  # autotune with several configs needs a GPU: exactly one under the interpreter
+    if INTERPRETING:  # autotune with several configs needs a GPU: exactly one under the interpreter
         return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=1)]
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
@@ -449,7 +447,7 @@ def masked_attention_fwd(
     under the interpreter); by default the autotuned configuration runs.
     """
     batch, seq_len, hidden, head_dim = _check_inputs(qkv, num_heads, query_patch_mask, patch_start)
-    if qkv.device.type != "cuda" and not _INTERPRETING:
+    if qkv.device.type != "cuda" and not INTERPRETING:
         raise RuntimeError(f"masked_attention runs on CUDA (or in Triton's interpreter), qkv is on {qkv.device}")
     check_devices("qkv", qkv, out=out)
     if out is None:

@@ -68,15 +68,13 @@ from __future__ import annotations
 
 import functools
 import inspect
-import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from ._triton import LAUNCH_OPTIONS, check_devices, on_input_device, tl, triton  # Triton, or a stand-in without it
+from ._triton import INTERPRETING, LAUNCH_OPTIONS, check_devices, on_input_device, tl, triton  # Triton, or a stand-in without it
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 ACTIVATIONS = {"none": 0, "gelu": 1, "silu": 2, "relu": 3}
 FP32_DOT_PRECISION = "ieee"  # fp32 operands: full-precision products (see the module docstring)
@@ -167,7 +165,7 @@ def _accumulators_per_thread(c: GemmConfig) -> int:
 def gemm_configs(glu: bool = False, ln_prologue: bool = False, fp32: bool = False,
                  view_4d: bool = False) -> list[GemmConfig]:
     """The tile configurations the autotuner tries for these flags (exactly one under the interpreter)."""
-    if INTERPRET:  # more than one config needs a GPU to benchmark on
+    if INTERPRETING:  # more than one config needs a GPU to benchmark on
         return [INTERPRETER_CONFIG]
     if fp32:
         configs = list(GPU_FP32_GLU_CONFIGS if glu else GPU_FP32_CONFIGS)
@@ -540,7 +538,7 @@ def _layernorm_launch(x: torch.Tensor, y, mean, rstd, ln_weight, ln_bias, eps: f
     if block_c > MAX_LAYERNORM_WIDTH:
         raise ValueError(f"the LayerNorm row kernel holds a row in registers: at most {MAX_LAYERNORM_WIDTH} "
                          f"columns, got {c}")
-    rows = 16 if INTERPRET else max(1, min(16, 4096 // block_c))
+    rows = 16 if INTERPRETING else max(1, min(16, 4096 // block_c))
     num_warps = 4 if block_c <= 1024 else 8
     dummy = x  # stands for the pointers a flag leaves unused
     _layernorm_rows_kernel[(triton.cdiv(m, rows),)](

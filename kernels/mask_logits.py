@@ -59,13 +59,11 @@ def grid_attention_mask_ref(
 # fp16/bf16: tensor cores, fp32 accumulation; fp32: "ieee" dots (gemm.FP32_DOT_PRECISION).
 
 import functools  # noqa: E402
-import os  # noqa: E402
 
 from . import gemm as _gemm  # noqa: E402
-from ._triton import LAUNCH_OPTIONS, check_devices, on_input_device, tl, triton  # noqa: E402  (Triton, or a stand-in)
+from ._triton import INTERPRETING, LAUNCH_OPTIONS, check_devices, on_input_device, tl, triton  # noqa: E402  (Triton, or a stand-in)
 from .gemm import grouped_tile  # noqa: E402
 
-_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 # Tiles of the grid-mask kernel (BLOCK_M patches x BLOCK_N queries x BLOCK_K channels, GROUP_M, warps,
@@ -90,7 +88,7 @@ GRID_MASK_GPU_FP32_CONFIGS = (
 
 def grid_mask_configs(fp32: bool = False) -> list[_gemm.GemmConfig]:
     """The tiles the autotuner tries (exactly one under the interpreter)."""
-    if _INTERPRETING:
+    if INTERPRETING:
         return [_gemm.INTERPRETER_CONFIG]
     return list(GRID_MASK_GPU_FP32_CONFIGS if fp32 else GRID_MASK_GPU_CONFIGS)
 
@@ -187,7 +185,7 @@ def _check(mask_embeddings: torch.Tensor, pixel_embeddings: torch.Tensor) -> Non
     if mask_embeddings.dtype not in _DTYPES or pixel_embeddings.dtype != mask_embeddings.dtype:
         raise TypeError(f"mask and pixel embeddings must share one of fp16/bf16/fp32, got {mask_embeddings.dtype} "
                         f"and {pixel_embeddings.dtype}")
-    if mask_embeddings.device.type != "cuda" and not _INTERPRETING:
+    if mask_embeddings.device.type != "cuda" and not INTERPRETING:
         raise RuntimeError(f"the mask kernels run on CUDA (or in Triton's interpreter), got {mask_embeddings.device}")
     check_devices("mask_embeddings", mask_embeddings, pixel_embeddings=pixel_embeddings)
 

@@ -48,13 +48,11 @@ def patch_embed_ref(
 # products, gemm.FP32_DOT_PRECISION).
 
 import functools  # noqa: E402
-import os  # noqa: E402
 
 from . import gemm as _gemm  # noqa: E402
-from ._triton import LAUNCH_OPTIONS, check_devices, on_input_device, tl, triton  # noqa: E402  (Triton, or a stand-in)
+from ._triton import INTERPRETING, LAUNCH_OPTIONS, check_devices, on_input_device, tl, triton  # noqa: E402  (Triton, or a stand-in)
 from .gemm import grouped_tile, split_columns  # noqa: E402
 
-_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -199,7 +197,7 @@ def patch_embed_forward(
     if dtype not in _DTYPES or any(t.dtype != dtype for t in (pixel_values, bias, position_embeddings)):
         raise TypeError("pixel_values, weight, bias and position_embeddings must share one of fp16/bf16/fp32, got "
                         f"{pixel_values.dtype}, {dtype}, {bias.dtype}, {position_embeddings.dtype}")
-    if pixel_values.device.type != "cuda" and not _INTERPRETING:
+    if pixel_values.device.type != "cuda" and not INTERPRETING:
         raise RuntimeError(f"patch_embed runs on CUDA (or in Triton's interpreter), got {pixel_values.device}")
     check_devices("pixel_values", pixel_values, weight=weight, bias=bias, position_embeddings=position_embeddings,
                   out=out)

@@ -17,14 +17,12 @@ to the output dtype; it reads each q/k element once and writes it once (values a
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
-from ._triton import LAUNCH_OPTIONS, check_devices, on_input_device, tl, triton
+from ._triton import INTERPRETING, LAUNCH_OPTIONS, check_devices, on_input_device, tl, triton
 from .gemm import with_out
 
-_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def rope_tables_ref(grid_h: int, grid_w: int, head_dim: int, theta: float,
@@ -140,7 +138,7 @@ def rope_forward(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_he
     """Triton ``rope_ref``: copies qkv into ``out`` (a new tensor when None) unless out is qkv, then rotates
     out's q/k heads of the patch tokens in place."""
     hidden, head_dim = _check(qkv, cos, sin, num_heads)
-    if qkv.device.type != "cuda" and not _INTERPRETING:
+    if qkv.device.type != "cuda" and not INTERPRETING:
         raise RuntimeError(f"rope runs on CUDA (or in Triton's interpreter), qkv is on {qkv.device}")
     out = _copy_to_out(qkv, out)
     num_patches = cos.shape[0]

@@ -60,13 +60,11 @@ def upscale_block_ref(
 # the GELU output (the reference rounds after every op). fp32: "ieee" dots (gemm.FP32_DOT_PRECISION).
 
 import functools  # noqa: E402
-import os  # noqa: E402
 
 from . import gemm as _gemm  # noqa: E402
-from ._triton import LAUNCH_OPTIONS, check_devices, on_input_device, tl, triton  # noqa: E402  (Triton, or a stand-in)
+from ._triton import INTERPRETING, LAUNCH_OPTIONS, check_devices, on_input_device, tl, triton  # noqa: E402  (Triton, or a stand-in)
 from .gemm import apply_activation, grouped_tile, split_columns  # noqa: E402
 
-_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_CHANNELS = 4096  # the depthwise + LayerNorm kernel holds a pixel's channels in registers
 
@@ -273,7 +271,7 @@ DWCONV_GPU_CONFIGS = ((1, 4), (2, 4), (4, 4), (1, 8), (2, 8), (4, 8), (8, 8))
 def dwconv_configs(channels: int) -> list[tuple[int, int]]:
     """(BLOCK_P, num_warps) pairs for this many channels (exactly one under the interpreter)."""
     block_c = triton.next_power_of_2(channels)
-    if _INTERPRETING:
+    if INTERPRETING:
         return [(max(1, min(DWCONV_SEGMENT, 4096 // block_c)), 4)]
     fits = [(p, w) for p, w in DWCONV_GPU_CONFIGS
             if block_c // (32 * w) <= 8 and 4 <= p * block_c // (32 * w) <= 16]
@@ -287,9 +285,9 @@ def _prune_dwconv_configs(configs, named_args, **kwargs):
 
 @functools.lru_cache(maxsize=None)
 def _tuned_dwconv_kernel():
-    pairs = [dwconv_configs(1)[0]] if _INTERPRETING else DWCONV_GPU_CONFIGS
+    pairs = [dwconv_configs(1)[0]] if INTERPRETING else DWCONV_GPU_CONFIGS
     configs = [triton.Config({"BLOCK_P": p}, num_warps=w, num_stages=1) for p, w in pairs]
-    prune = None if _INTERPRETING else {"early_config_prune": _prune_dwconv_configs}
+    prune = None if INTERPRETING else {"early_config_prune": _prune_dwconv_configs}
     return triton.autotune(configs=configs, key=["B", "H", "W", "C", "ALIGNED"], prune_configs_by=prune)(
         _dwconv_layernorm_kernel)
 
@@ -376,7 +374,7 @@ def upscale_block_forward(
         raise TypeError(f"x and the block's weights must share one of fp16/bf16/fp32, got x {dtype}")
     if triton.next_power_of_2(c_out) > MAX_CHANNELS:
         raise ValueError(f"at most {MAX_CHANNELS} channels (held in registers), got {c_out}")
-    if x.device.type != "cuda" and not _INTERPRETING:
+    if x.device.type != "cuda" and not INTERPRETING:
         raise RuntimeError(f"upscale runs on CUDA (or in Triton's interpreter), x is on {x.device}")
     check_devices("x", x, convt_weight=convt_weight, convt_bias=convt_bias, dw_weight=dw_weight,
                   ln_weight=ln_weight, ln_bias=ln_bias, out=out)

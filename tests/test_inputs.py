@@ -80,6 +80,19 @@ def test_triton_backend_on_cpu_without_interpreter(model, monkeypatch):
         triton_model(torch.randn(1, 3, 64, 64))
 
 
+@pytest.mark.parametrize(("value", "on"), [("1", True), ("true", True), ("ON", True), ("yes", True),
+                                           ("0", False), ("false", False), ("off", False), ("2", False), ("", False)])
+def test_interpreter_flag_read_as_triton_reads_it(monkeypatch, value, on):
+    """"TRITON_INTERPRET=false" must not send CPU tensors to kernels Triton compiled for a GPU, nor
+    "TRITON_INTERPRET=true" refuse the interpreter Triton turned on."""
+    from eomt_fast.kernels._triton import HAS_TRITON, triton_interpreting
+
+    if not HAS_TRITON:
+        pytest.skip("needs Triton (without it nothing is interpreted)")
+    monkeypatch.setenv("TRITON_INTERPRET", value)
+    assert triton_interpreting() is on
+
+
 def test_masking_probs_follow_buffer_changes(model):
     model.attn_mask_probs.fill_(1.0)
     assert model.masking_probs() == (1.0, 1.0)
