@@ -11,7 +11,7 @@ import torch
 from eomt_fast import EomtFastConfig, EomtFastForUniversalSegmentation, dispatch
 from eomt_fast.checkpoint import absent_weights
 from eomt_fast.config import ConfigError
-from eomt_fast.testing import DINOV3_TEST_CONFIGS, random_hf_model
+from eomt_fast.testing import DINOV3_TEST_CONFIGS, MASKED_ERROR_SEEDS, low_precision_errors, random_hf_model
 
 transformers = pytest.importorskip("transformers")
 if not hasattr(transformers, "EomtDinov3ForUniversalSegmentation"):
@@ -116,18 +116,14 @@ def test_random_weights_keep_absent_parts_zero(tmp_path):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_low_precision_within_twice_transformers_error(dtype):
-    hf64 = hf_model("dinov3_r4", seed=9, probs=[1.0, 1.0])
-    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
-    truth = hf64(x)
-    hf_low = hf_model("dinov3_r4", seed=9, dtype=dtype, probs=[1.0, 1.0])
-    ours = EomtFastForUniversalSegmentation.from_hf(hf_low)
-    theirs, got = hf_low(x.to(dtype)), ours(x.to(dtype))
+@pytest.mark.parametrize("probs", [[0.0, 0.0], [1.0, 1.0]], ids=["unmasked", "masked"])
+def test_low_precision_within_twice_transformers_error(dtype, probs):
+    """As tests/test_parity.py's: masked, summed over several models (``MASKED_ERROR_SEEDS``)."""
+    seeds = MASKED_ERROR_SEEDS if any(probs) else (9,)
+    ours, theirs = low_precision_errors(dtype, seeds, attn_mask_probs=probs, model_type="eomt_dinov3",
+                                        **DINOV3_TEST_CONFIGS["dinov3_r4"])
     for name in OUTPUTS:
-        ref = getattr(truth, name)
-        their_err = (getattr(theirs, name).double() - ref).abs().mean().item()
-        our_err = (getattr(got, name).double() - ref).abs().mean().item()
-        assert our_err <= 2 * their_err + 1e-6, f"{name}: ours {our_err:.3g} vs transformers {their_err:.3g}"
+        assert ours[name] <= 2 * theirs[name] + 1e-6, f"{name}: ours {ours[name]:.3g} vs transformers {theirs[name]:.3g}"
 
 
 def test_hidden_states_and_attentions_match_transformers():
