@@ -270,13 +270,7 @@ def cfg_num_labels(cfg: Any) -> int:
 
 def layer_flops(cfg: Any, batch: int, seq: int) -> dict[str, float]:
     """One encoder layer at ``seq`` tokens: QKV, output projection, MLP (GELU or SwiGLU) and attention."""
-    c = cfg.hidden_size
-    if getattr(cfg, "model_type", "eomt") == "eomt_dinov3":  # EoMT-DINOv3: the width is given (rotary: not counted)
-        hidden, gated = cfg.intermediate_size, cfg.use_gated_mlp
-    else:
-        hidden, gated = int(c * cfg.mlp_ratio), cfg.use_swiglu_ffn
-        if gated:
-            hidden = (int(hidden * 2 / 3) + 7) // 8 * 8
+    c, hidden, gated = cfg.hidden_size, cfg.mlp_hidden_size, cfg.gated_mlp  # rotary (DINOv3): not counted
     if gated:
         mlp = linear_flops(batch * seq, c, 2 * hidden) + linear_flops(batch * seq, hidden, c)
     else:
@@ -287,7 +281,7 @@ def layer_flops(cfg: Any, batch: int, seq: int) -> dict[str, float]:
 
 def model_flops(cfg: Any, batch: int = 1, masked_blocks: int = 0) -> dict[str, float]:
     """FLOP of one forward of the EoMT network (2 per multiply-add; LayerNorm, GELU, softmax and adds are
-    not counted), for any config (an ``EomtFastConfig`` or anything with its attribute names).
+    not counted), for an ``EomtFastConfig`` (or anything with its attribute and property names).
 
     ``masked_blocks``: how many of the query layers run a masked-attention predict() (attn_mask_probs > 0);
     each costs one more predict() with the einsum at grid resolution (what eomt_fast computes; transformers
@@ -894,7 +888,7 @@ def eomt_dims(preset: str) -> dict[str, Any]:
     return dict(C=cfg.hidden_size, H=cfg.num_attention_heads, D=cfg.head_dim, hidden=cfg.mlp_hidden_size,
                 Q=cfg.num_queries, prefix=cfg.num_prefix_tokens, g=g, P=g * g, S0=cfg.num_prefix_tokens + g * g,
                 S=cfg.num_queries + cfg.num_prefix_tokens + g * g, side=g * 2**cfg.num_upscale_blocks,
-                swiglu=int(cfg.use_swiglu_ffn), eps=cfg.layer_norm_eps)
+                swiglu=int(cfg.gated_mlp), eps=cfg.layer_norm_eps)
 
 
 def kernel_arg_parser(description: str) -> argparse.ArgumentParser:
