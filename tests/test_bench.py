@@ -53,6 +53,9 @@ def test_flops_of_swiglu_and_small_models():
     hidden = g.mlp_hidden_size  # (int(6144 * 2/3) + 7) // 8 * 8 = 4096
     assert harness.layer_flops(g, 1, 1605)["linear"] == pytest.approx(
         2 * 1605 * 1536 * (3 * 1536 + 1536 + 2 * hidden + hidden), rel=1e-12)
+    dinov3 = preset_config("eomt-dinov3-l-640")  # EoMT-DINOv3: intermediate_size is the MLP width
+    assert harness.layer_flops(dinov3, 1, 1805)["linear"] == pytest.approx(
+        2 * 1805 * 1024 * (4 * 1024 + 2 * dinov3.intermediate_size), rel=1e-12)
     tiny = preset_config("tiny")
     assert 0 < harness.model_flops(tiny)["total"] < harness.model_flops(preset_config("eomt-s-640"))["total"]
 
