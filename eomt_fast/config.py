@@ -215,8 +215,12 @@ class EomtFastConfig:
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.use_gated_mlp:
+            # with hidden_act silu the gate would be our SwiGLU, but transformers applies hidden_act in the mask
+            # head and the upscale blocks too, where the kernels have GELU
             raise ConfigError("use_gated_mlp=true is not supported: EoMT-DINOv3's gated MLP applies hidden_act "
-                              f"({self.hidden_act!r}) to the gate, and eomt_fast has only the SiLU-gated MLP")
+                              f"({self.hidden_act!r}) to the gate, and eomt_fast has only the SiLU-gated MLP (with "
+                              "hidden_act 'silu' transformers would use SiLU in the mask head and upscale blocks as "
+                              "well, where eomt_fast has GELU)")
         params = self.rope_parameters
         if params is not None and not isinstance(params, dict):
             raise ConfigError(f"rope_parameters must be an object, got {params!r}")

@@ -160,6 +160,7 @@ def test_triton_backend_matches_plain_path_fp32(name, probs):
     "changes,match",
     [
         ({"use_gated_mlp": True}, "use_gated_mlp=true is not supported"),
+        ({"use_gated_mlp": True, "hidden_act": "silu"}, "hidden_act 'silu' is not supported"),  # mask head, upscale
         ({"rope_parameters": {"rope_type": "linear", "rope_theta": 100.0}}, "rope_type 'linear' is not supported"),
         ({"rope_parameters": {"rope_theta": 0}}, "rope_theta must be a number > 0, got 0"),
         ({"rope_parameters": {"rope_theta": None}}, "rope_theta must be a number > 0, got None"),
