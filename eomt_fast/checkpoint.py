@@ -158,20 +158,20 @@ def weight_rules(config: EomtFastConfig) -> list[Rule]:
             Rule(f"{m}.ln2_bias", (f"{hf}.norm2.bias",), ((c,),)),
             Rule(f"{m}.ls2", (f"{hf}.layer_scale2.lambda1",), ((c,),)),
         ]
-        if config.rope:  # EomtDinov3MLP (the gated one is refused by the config)
+        if config.gated_mlp:  # EomtSwiGLUFFN, EomtDinov3GatedMLP: fc1 = [gate | up]
+            gate_up = (f"{hf}.mlp.gate_proj", f"{hf}.mlp.up_proj")
+            rules += [
+                Rule(f"{m}.fc1_weight", tuple(f"{n}.weight" for n in gate_up), ((hidden, c),) * 2, "cat"),
+                Rule(f"{m}.fc1_bias", tuple(bias(f"{n}.bias", "mlp_bias") for n in gate_up), ((hidden,),) * 2, "cat"),
+                Rule(f"{m}.fc2_weight", (f"{hf}.mlp.down_proj.weight",), ((c, hidden),)),
+                Rule(f"{m}.fc2_bias", (bias(f"{hf}.mlp.down_proj.bias", "mlp_bias"),), ((c,),)),
+            ]
+        elif config.rope:  # EomtDinov3MLP
             rules += [
                 Rule(f"{m}.fc1_weight", (f"{hf}.mlp.up_proj.weight",), ((hidden, c),)),
                 Rule(f"{m}.fc1_bias", (bias(f"{hf}.mlp.up_proj.bias", "mlp_bias"),), ((hidden,),)),
                 Rule(f"{m}.fc2_weight", (f"{hf}.mlp.down_proj.weight",), ((c, hidden),)),
                 Rule(f"{m}.fc2_bias", (bias(f"{hf}.mlp.down_proj.bias", "mlp_bias"),), ((c,),)),
-            ]
-        elif config.use_swiglu_ffn:
-            gate_up = (f"{hf}.mlp.gate_proj", f"{hf}.mlp.up_proj")
-            rules += [
-                Rule(f"{m}.fc1_weight", tuple(f"{n}.weight" for n in gate_up), ((hidden, c),) * 2, "cat"),
-                Rule(f"{m}.fc1_bias", tuple(f"{n}.bias" for n in gate_up), ((hidden,),) * 2, "cat"),
-                Rule(f"{m}.fc2_weight", (f"{hf}.mlp.down_proj.weight",), ((c, hidden),)),
-                Rule(f"{m}.fc2_bias", (f"{hf}.mlp.down_proj.bias",), ((c,),)),
             ]
         else:
             rules += [

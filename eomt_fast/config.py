@@ -9,7 +9,9 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-SUPPORTED_ACTIVATIONS = ("gelu",)  # exact erf GELU, what every released checkpoint uses
+# hidden_act values as transformers' ACT2FN computes them, which the kernels apply (kernels.linear.ACTIVATION_REFS):
+# "gelu" the exact erf GELU, what every released checkpoint uses; "silu"; "relu"
+SUPPORTED_ACTIVATIONS = ("gelu", "silu", "relu")
 MODEL_TYPES = ("eomt", "eomt_dinov3")  # transformers' EomtForUniversalSegmentation, EomtDinov3ForUniversalSegmentation
 ARCHITECTURES = {"eomt": "EomtForUniversalSegmentation", "eomt_dinov3": "EomtDinov3ForUniversalSegmentation"}
 # the fields only one of the two configs has (EomtDinov3Config refuses mlp_ratio and use_swiglu_ffn)
@@ -138,8 +140,19 @@ class EomtFastConfig:
 
     @property
     def gated_mlp(self) -> bool:
-        """The MLP is SwiGLU (fc1 holds the gate rows, then the up rows)."""
+        """The MLP is gated, down(act(gate) * up) (fc1 holds the gate rows, then the up rows)."""
         return self.use_swiglu_ffn if self.model_type == "eomt" else self.use_gated_mlp
+
+    @property
+    def activation(self) -> str:
+        """The activation of the (ungated) MLP, the mask head and the upscale blocks: hidden_act."""
+        return self.hidden_act
+
+    @property
+    def mlp_activation(self) -> str:
+        """The activation inside the MLP: of the gate when it is gated (EoMT's SwiGLU is SiLU whatever hidden_act
+        says; EoMT-DINOv3's gated MLP applies hidden_act), else hidden_act."""
+        return "silu" if self.model_type == "eomt" and self.use_swiglu_ffn else self.hidden_act
 
     def has_bias(self, name: str) -> bool:
         """Whether the checkpoint holds that bias (``query_bias``, ..., ``mlp_bias``): always for eomt."""
@@ -214,13 +227,6 @@ class EomtFastConfig:
         for name in (*DINOV3_BIASES, "use_gated_mlp"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
-        if self.use_gated_mlp:
-            # with hidden_act silu the gate would be our SwiGLU, but transformers applies hidden_act in the mask
-            # head and the upscale blocks too, where the kernels have GELU
-            raise ConfigError("use_gated_mlp=true is not supported: EoMT-DINOv3's gated MLP applies hidden_act "
-                              f"({self.hidden_act!r}) to the gate, and eomt_fast has only the SiLU-gated MLP (with "
-                              "hidden_act 'silu' transformers would use SiLU in the mask head and upscale blocks as "
-                              "well, where eomt_fast has GELU)")
         params = self.rope_parameters
         if params is not None and not isinstance(params, dict):
             raise ConfigError(f"rope_parameters must be an object, got {params!r}")

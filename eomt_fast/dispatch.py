@@ -29,10 +29,10 @@ OPS: dict[str, tuple[str, str]] = {
     "layernorm_qkv": ("layernorm_linear_ref", "LN1 + fused QKV projection"),
     "attention": ("attention_ref", "masked query-patch attention"),
     "out_projection": ("linear_residual_ref", "output projection + LayerScale + residual, in place"),
-    "layernorm_mlp": ("layernorm_mlp_ref", "LN2 + GELU MLP + LayerScale + residual, in place"),
-    "layernorm_swiglu": ("layernorm_swiglu_ref", "LN2 + SwiGLU MLP + LayerScale + residual, in place"),
-    "mask_head": ("mask_head_ref", "mask head MLP (fc1-GELU-fc2-GELU-fc3)"),
-    "upscale": ("upscale_block_ref", "ConvTranspose 2x2 + GELU + depthwise 3x3 + LayerNorm"),
+    "layernorm_mlp": ("layernorm_mlp_ref", "LN2 + MLP (hidden_act) + LayerScale + residual, in place"),
+    "layernorm_swiglu": ("layernorm_swiglu_ref", "LN2 + gated MLP (SwiGLU) + LayerScale + residual, in place"),
+    "mask_head": ("mask_head_ref", "mask head MLP (fc1-act-fc2-act-fc3)"),
+    "upscale": ("upscale_block_ref", "ConvTranspose 2x2 + act + depthwise 3x3 + LayerNorm"),
     "mask_logits": ("mask_logits_ref", "final mask-logit einsum"),
     "grid_attention_mask": ("grid_attention_mask_ref", "query->patch mask of masked layers at grid size"),
     "rope": ("rope_ref", "rotary embeddings of the patch tokens' q/k, in place (EoMT-DINOv3)"),
@@ -62,9 +62,9 @@ def unused_reason(op: str, config) -> str | None:
     if op == "rope" and not config.rope:
         return "not used by this model (no rotary embeddings: EoMT-DINOv3 only)"
     if op == "layernorm_swiglu" and not config.gated_mlp:
-        return "not used by this model (a GELU MLP)"
+        return "not used by this model (an ungated MLP)"
     if op == "layernorm_mlp" and config.gated_mlp:
-        return "not used by this model (a SwiGLU MLP)"
+        return "not used by this model (a gated MLP)"
     return None
 
 

@@ -188,13 +188,14 @@ class Recording:
 
 
 class EncoderLayer(nn.Module):
-    """One pre-norm ViT layer with LayerScale; weights in the fused layout (qkv, SwiGLU gate_up as fc1)."""
+    """One pre-norm ViT layer with LayerScale; weights in the fused layout (qkv, a gated MLP's gate_up as fc1)."""
 
     def __init__(self, config: EomtFastConfig) -> None:
         super().__init__()
         c, hidden = config.hidden_size, config.mlp_hidden_size
         fc1_rows = 2 * hidden if config.gated_mlp else hidden
-        self.swiglu = config.gated_mlp
+        self.gated_mlp = config.gated_mlp
+        self.mlp_activation = config.mlp_activation
         self.num_heads = config.num_attention_heads
         self.eps = config.layer_norm_eps
         self.ln1_weight, self.ln1_bias = _weight(c), _weight(c)
@@ -219,38 +220,40 @@ class EncoderLayer(nn.Module):
             attentions.append(attention_probabilities(qkv, self.num_heads, query_patch_mask, patch_start))
         attn = ops["attention"](qkv, self.num_heads, query_patch_mask, patch_start)
         ops["out_projection"](attn, self.out_weight, self.out_bias, self.ls1, x, out=x)
-        mlp = ops["layernorm_swiglu"] if self.swiglu else ops["layernorm_mlp"]
+        mlp = ops["layernorm_swiglu"] if self.gated_mlp else ops["layernorm_mlp"]
         return mlp(x, self.ln2_weight, self.ln2_bias, self.eps, self.fc1_weight, self.fc1_bias,
-                   self.fc2_weight, self.fc2_bias, self.ls2, out=x)
+                   self.fc2_weight, self.fc2_bias, self.ls2, self.mlp_activation, out=x)
 
 
 class MaskHead(nn.Module):
     def __init__(self, config: EomtFastConfig) -> None:
         super().__init__()
         c = config.hidden_size
+        self.activation = config.activation
         for j in (1, 2, 3):
             setattr(self, f"fc{j}_weight", _weight(c, c))
             setattr(self, f"fc{j}_bias", _weight(c))
 
     def forward(self, x: torch.Tensor, ops: Ops) -> torch.Tensor:
         return ops["mask_head"](x, self.fc1_weight, self.fc1_bias, self.fc2_weight, self.fc2_bias,
-                             self.fc3_weight, self.fc3_bias)
+                             self.fc3_weight, self.fc3_bias, self.activation)
 
 
 class UpscaleBlock(nn.Module):
-    """ConvTranspose 2x2 -> GELU -> depthwise 3x3 -> LayerNorm, channels-last."""
+    """ConvTranspose 2x2 -> act (hidden_act) -> depthwise 3x3 -> LayerNorm, channels-last."""
 
     def __init__(self, config: EomtFastConfig) -> None:
         super().__init__()
         c = config.hidden_size
         self.eps = 1e-6  # EomtLayerNorm2d's eps, fixed in transformers (not layer_norm_eps)
+        self.activation = config.activation
         self.convt_weight, self.convt_bias = _weight(c, 2, 2, c), _weight(c)
         self.dw_weight = _weight(c, 1, 3, 3)
         self.ln_weight, self.ln_bias = _weight(c), _weight(c)
 
     def forward(self, x: torch.Tensor, ops: Ops) -> torch.Tensor:
         return ops["upscale"](x, self.convt_weight, self.convt_bias, self.dw_weight,
-                                 self.ln_weight, self.ln_bias, self.eps)
+                                 self.ln_weight, self.ln_bias, self.eps, self.activation)
 
 
 def _weights_may_have_moved(module: EomtFastForUniversalSegmentation, incompatible_keys: Any) -> None:

@@ -25,11 +25,15 @@ TEST_CONFIGS: dict[str, dict[str, Any]] = {
                       hidden_size=48, num_attention_heads=3, num_hidden_layers=3, num_blocks=3, use_swiglu_ffn=True),
     "hd64_up1": dict(image_size=32, patch_size=4, num_queries=9, num_register_tokens=4, num_labels=6,
                      hidden_size=128, num_attention_heads=2, num_hidden_layers=3, num_blocks=1, num_upscale_blocks=1),
+    # hidden_act SiLU: in the MLP, the mask head and the upscale blocks
+    "silu_r2": dict(image_size=32, patch_size=4, num_queries=6, num_register_tokens=2, num_labels=4,
+                    hidden_size=64, num_attention_heads=4, num_hidden_layers=3, num_blocks=2, hidden_act="silu"),
 }
 
 # EoMT-DINOv3 shapes (model_type "eomt_dinov3", transformers' EomtDinov3Config keywords): rotary embeddings,
 # the default biases (no key bias), and every other bias left out once; head_dim 16 and 12 (a half of 6:
-# not a power of two).
+# not a power of two); the gated MLP with hidden_act SiLU (SwiGLU, and SiLU in the mask head and upscale
+# blocks) and GELU (GeGLU) without biases.
 DINOV3_TEST_CONFIGS: dict[str, dict[str, Any]] = {
     "dinov3_r4": dict(image_size=64, patch_size=8, num_queries=7, num_register_tokens=4, num_labels=5,
                       hidden_size=64, num_attention_heads=4, intermediate_size=96, num_hidden_layers=4, num_blocks=2,
@@ -38,6 +42,12 @@ DINOV3_TEST_CONFIGS: dict[str, dict[str, Any]] = {
                                hidden_size=36, num_attention_heads=3, intermediate_size=72, num_hidden_layers=3,
                                num_blocks=3, query_bias=False, value_bias=False, proj_bias=False, mlp_bias=False,
                                rope_parameters={"rope_type": "default", "rope_theta": 1000.0}),
+    "dinov3_gated_silu": dict(image_size=48, patch_size=8, num_queries=6, num_register_tokens=4, num_labels=4,
+                              hidden_size=48, num_attention_heads=3, intermediate_size=88, num_hidden_layers=3,
+                              num_blocks=2, use_gated_mlp=True, hidden_act="silu"),
+    "dinov3_geglu_nobias": dict(image_size=32, patch_size=8, num_queries=5, num_register_tokens=1, num_labels=3,
+                                hidden_size=32, num_attention_heads=2, intermediate_size=40, num_hidden_layers=2,
+                                num_blocks=1, use_gated_mlp=True, mlp_bias=False),
 }
 
 ORACLE_ATTENTION = "sdpa_same_dtype_mask"

@@ -795,9 +795,31 @@ def with_out(functional: Callable, into: Callable, reference: Callable) -> Calla
     """dispatch's form of an op that can write the residual stream in place: ``op(*args, out=None)`` calls
     the registered ``functional`` op, or with ``out`` its mutating ``into`` form (``into(*args, out)``,
     declared to mutate ``out``) and returns ``out``. It carries ``reference``'s signature (dispatch gives
-    the model either this or the reference). A plain Python function: torch.compile traces through it."""
+    the model either this or the reference): arguments may be given by name, and the ones left out get the
+    reference's defaults, so that ``into`` always receives every argument before ``out``. A plain Python
+    function: torch.compile traces through it."""
+    params = [p for p in inspect.signature(reference).parameters.values() if p.kind is p.POSITIONAL_OR_KEYWORD]
+    names = tuple(p.name for p in params)
+    defaults = tuple(None if p.default is p.empty else p.default for p in params)
+    required = tuple(p.default is p.empty for p in params)
 
-    def op(*args, out: torch.Tensor | None = None) -> torch.Tensor:
+    def complete(args: tuple, kwargs: dict) -> tuple:
+        if len(args) > len(names):
+            raise TypeError(f"{op.__name__}() takes {len(names)} positional arguments, got {len(args)}")
+        rest = []
+        for i in range(len(args), len(names)):
+            if names[i] in kwargs:
+                rest.append(kwargs.pop(names[i]))
+            elif required[i]:
+                raise TypeError(f"{op.__name__}() missing the argument {names[i]!r}")
+            else:
+                rest.append(defaults[i])
+        if kwargs:
+            raise TypeError(f"{op.__name__}() got unexpected arguments {sorted(kwargs)}")
+        return (*args, *rest)
+
+    def op(*args, out: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        args = complete(args, kwargs)
         if out is None:
             return functional(*args)
         into(*args, out)

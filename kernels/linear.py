@@ -3,7 +3,7 @@
 - ``layernorm_linear_ref``: LN1 + fused QKV projection, y = LN(x) @ W^T + b, W = cat([Wq, Wk, Wv]).
 - ``linear_residual_ref``: output projection + bias + LayerScale + residual, r + (x @ W^T + b) * ls; with
   ``out=r`` the residual stream is updated in place (the model's token buffer).
-- ``mask_head_ref``: the mask head MLP, fc3(GELU(fc2(GELU(fc1(x))))).
+- ``mask_head_ref``: the mask head MLP, fc3(act(fc2(act(fc1(x))))), act the model's hidden_act (GELU).
 All references compute in the input dtype; the GELU is the exact erf form.
 """
 
@@ -16,6 +16,24 @@ import torch.nn.functional as F
 def gelu_ref(x: torch.Tensor) -> torch.Tensor:
     """Exact GELU, x * Phi(x) with the erf (not the tanh approximation)."""
     return F.gelu(x)
+
+
+# The activations the kernels apply in their epilogues (gemm.ACTIVATIONS has the same names and "none"),
+# as transformers' ACT2FN computes them: "gelu" the exact erf GELU, "silu" x * sigmoid(x), "relu".
+ACTIVATION_REFS = {"gelu": gelu_ref, "silu": F.silu, "relu": F.relu}
+
+
+def check_activation(activation: str) -> str:
+    """``activation`` when it names one of ``ACTIVATION_REFS``, else a ValueError naming the choices."""
+    if activation not in ACTIVATION_REFS:
+        raise ValueError(f"activation must be one of {', '.join(ACTIVATION_REFS)}, got {activation!r}")
+    return activation
+
+
+def activation_ref(x: torch.Tensor, activation: str) -> torch.Tensor:
+    """``activation`` (a name of ``ACTIVATION_REFS``) applied to x."""
+    apply = ACTIVATION_REFS[check_activation(activation)]  # bound first: kernel[grid](...) is a launch
+    return apply(x)
 
 
 def layernorm_linear_ref(
@@ -64,10 +82,11 @@ def mask_head_ref(
     fc2_bias: torch.Tensor,
     fc3_weight: torch.Tensor,
     fc3_bias: torch.Tensor,
+    activation: str = "gelu",
 ) -> torch.Tensor:
-    """The mask head MLP on the query tokens: fc1 -> GELU -> fc2 -> GELU -> fc3."""
-    h = gelu_ref(F.linear(x, fc1_weight, fc1_bias))
-    h = gelu_ref(F.linear(h, fc2_weight, fc2_bias))
+    """The mask head MLP on the query tokens: fc1 -> act -> fc2 -> act -> fc3, act the model's hidden_act."""
+    h = activation_ref(F.linear(x, fc1_weight, fc1_bias), activation)
+    h = activation_ref(F.linear(h, fc2_weight, fc2_bias), activation)
     return F.linear(h, fc3_weight, fc3_bias)
 
 
@@ -75,7 +94,7 @@ def mask_head_ref(
 #
 # layernorm_qkv  : LN1 (gemm.DEFAULT_LN_MODE: a row kernel, or mean/rstd + the GEMM prologue) -> x @ Wqkv^T + b
 # out_projection : attn @ Wo^T, epilogue residual + (acc + b) * ls1: one kernel
-# mask_head      : three GEMMs, bias + GELU in the epilogues of the first two
+# mask_head      : three GEMMs, bias + the activation (GELU) in the epilogues of the first two
 # fp16/bf16 operands: tensor cores, fp32 accumulation and epilogue, one rounding to the output dtype;
 # fp32 operands: input_precision="ieee" (full fp32 products, like PyTorch's default).
 
@@ -163,17 +182,19 @@ def mask_head_forward(
     fc2_bias: torch.Tensor,
     fc3_weight: torch.Tensor,
     fc3_bias: torch.Tensor,
+    activation: str = "gelu",
     *,
     out: torch.Tensor | None = None,
     split_k: int = 1,
     config: _gemm.GemmConfig | None = None,
 ) -> torch.Tensor:
-    """Triton ``mask_head_ref``: three GEMMs, bias + exact GELU fused into the first two epilogues.
+    """Triton ``mask_head_ref``: three GEMMs, bias + the activation fused into the first two epilogues.
     The hidden activations are kept in the model dtype, as in the reference."""
+    check_activation(activation)
     _check(x, fc1_weight, fc2_weight, fc3_weight)
     y = _out(x, fc3_weight.shape[0], out)
-    h = _gemm.gemm(_flat(x), fc1_weight, fc1_bias, activation="gelu", split_k=split_k, config=config)
-    h = _gemm.gemm(h, fc2_weight, fc2_bias, activation="gelu", split_k=split_k, config=config)
+    h = _gemm.gemm(_flat(x), fc1_weight, fc1_bias, activation=activation, split_k=split_k, config=config)
+    h = _gemm.gemm(h, fc2_weight, fc2_bias, activation=activation, split_k=split_k, config=config)
     _gemm.gemm(h, fc3_weight, fc3_bias, out=_flat(y), split_k=split_k, config=config)
     return y
 
@@ -245,13 +266,14 @@ def mask_head(
     fc2_bias: torch.Tensor,
     fc3_weight: torch.Tensor,
     fc3_bias: torch.Tensor,
+    activation: str = "gelu",
 ) -> torch.Tensor:
-    """Triton ``mask_head_ref`` (fc1 -> GELU -> fc2 -> GELU -> fc3)."""
-    return mask_head_forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, fc3_weight, fc3_bias)
+    """Triton ``mask_head_ref`` (fc1 -> act -> fc2 -> act -> fc3)."""
+    return mask_head_forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, fc3_weight, fc3_bias, activation)
 
 
 @mask_head.register_fake
-def _(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, fc3_weight, fc3_bias):
+def _(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, fc3_weight, fc3_bias, activation="gelu"):
     return x.new_empty((*x.shape[:-1], fc3_weight.shape[0]))
 
 

@@ -1,5 +1,6 @@
 """One upscale block of the EoMT mask path, channels-last:
-ConvTranspose2d(C, C, k=2, s=2) -> GELU -> depthwise Conv2d 3x3 (pad 1, no bias) -> LayerNorm over C.
+ConvTranspose2d(C, C, k=2, s=2) -> act -> depthwise Conv2d 3x3 (pad 1, no bias) -> LayerNorm over C, act the
+model's hidden_act (GELU in every released model; the names of ``linear.ACTIVATION_REFS``).
 
 A k=2, s=2 transposed convolution has no overlap: every input pixel is one GEMM row
 (C -> 4C) whose four C-wide pieces are the output pixels (2i+a, 2j+b). With the weight prepared once
@@ -11,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .linear import gelu_ref
+from .linear import activation_ref, check_activation
 
 
 def prepare_convt_weight(weight: torch.Tensor) -> torch.Tensor:
@@ -27,6 +28,7 @@ def upscale_block_ref(
     ln_weight: torch.Tensor,
     ln_bias: torch.Tensor,
     eps: float,
+    activation: str = "gelu",
 ) -> torch.Tensor:
     """x (B, H, W, C) channels-last -> (B, 2H, 2W, C) channels-last.
 
@@ -37,7 +39,7 @@ def upscale_block_ref(
     out_channels = convt_weight.shape[-1]
     y = torch.matmul(x, convt_weight.reshape(channels, 4 * out_channels))  # (B, H, W, 2*2*C_out)
     y = y.view(batch, height, width, 2, 2, out_channels).permute(0, 1, 3, 2, 4, 5)
-    y = gelu_ref(y.reshape(batch, 2 * height, 2 * width, out_channels) + convt_bias)
+    y = activation_ref(y.reshape(batch, 2 * height, 2 * width, out_channels) + convt_bias, activation)
     y = F.conv2d(y.permute(0, 3, 1, 2), dw_weight, padding=1, groups=out_channels)  # channels-last strides
     y = y.permute(0, 2, 3, 1)
     return F.layer_norm(y, (out_channels,), ln_weight, ln_bias, eps)
@@ -45,19 +47,20 @@ def upscale_block_ref(
 
 # ---- Triton: two kernels per block -------------------------------------------------------------------
 #
-# 1. ConvTranspose 2x2 + bias + GELU: one GEMM, M = B*H*W input pixels, K = C_in, N = 4*C_out, with
-#        y[b, 2i+a, 2j+c, o] = GELU(sum_k x[b, i, j, k] * Wp[k, a, c, o] + bias[o])   (n = (a*2 + c)*C_out + o)
+# 1. ConvTranspose 2x2 + bias + act: one GEMM, M = B*H*W input pixels, K = C_in, N = 4*C_out, with
+#        y[b, 2i+a, 2j+c, o] = act(sum_k x[b, i, j, k] * Wp[k, a, c, o] + bias[o])   (n = (a*2 + c)*C_out + o)
 #    The prepared weight Wp (C_in, 2, 2, C_out) is read in place as a (K, N) matrix with unit N stride (the
 #    "x @ W" layout, no per-forward transpose); the input is read through its (b, i, j) strides, so the
 #    patch slice of the token buffer works without a copy. The epilogue adds bias[n % C_out], applies the
-#    exact (erf) GELU in fp32 and scatters each row's four C_out-wide pieces to their 2x2 output pixels of
-#    the channels-last (B, 2H, 2W, C_out) tensor, rounded once to the model dtype.
+#    activation (gemm.apply_activation: the exact erf GELU, SiLU, ReLU) in fp32 and scatters each row's
+#    four C_out-wide pieces to their 2x2 output pixels of the channels-last (B, 2H, 2W, C_out) tensor,
+#    rounded once to the model dtype.
 # 2. depthwise 3x3 (zero padding 1, no bias) + LayerNorm over channels: one program walks a segment of
 #    one output row in blocks of BLOCK_P pixels, each with all C channels in registers (fp32): nine taps
 #    (read from L1/L2), the two-pass LayerNorm statistics, the block's output. The nine weight vectors
 #    (a strided gather from the checkpoint's (C, 1, 3, 3) layout) are loaded once per program.
 # fp16/bf16: tensor cores for the GEMM, fp32 accumulation and fp32 math everywhere else, one rounding of
-# the GELU output (the reference rounds after every op). fp32: "ieee" dots (gemm.FP32_DOT_PRECISION).
+# the activation's output (the reference rounds after every op). fp32: "ieee" dots (gemm.FP32_DOT_PRECISION).
 
 import functools  # noqa: E402
 
@@ -78,16 +81,16 @@ def convt_configs(fp32: bool = False) -> list[_gemm.GemmConfig]:
 @functools.lru_cache(maxsize=None)
 def _tuned_convt_kernel(fp32: bool):
     configs = [triton.Config(c.meta(), num_warps=c.num_warps, num_stages=c.num_stages) for c in convt_configs(fp32)]
-    key = ["M", "N", "K", "ALIGNED", "OUT_ALIGNED"]  # every flag that changes the compiled code
-    return triton.autotune(configs=configs, key=key)(_convt_gelu_kernel)
+    key = ["M", "N", "K", "ACTIVATION", "ALIGNED", "OUT_ALIGNED"]  # every flag that changes the compiled code
+    return triton.autotune(configs=configs, key=key)(_convt_act_kernel)
 
 
 @triton.jit
 def _convt_epilogue(
     acc, offs_m, offs_n, M, N, C_out, H, W, Bias, Out,
-    stride_ob, stride_oh, stride_ow, stride_oc, OUT_ALIGNED: tl.constexpr,
+    stride_ob, stride_oh, stride_ow, stride_oc, ACTIVATION: tl.constexpr, OUT_ALIGNED: tl.constexpr,
 ):
-    """GELU(acc + bias) of rows offs_m = (b, i, j), columns offs_n = (a, c, o) to Out[b, 2i+a, 2j+c, o]."""
+    """act(acc + bias) of rows offs_m = (b, i, j), columns offs_n = (a, c, o) to Out[b, 2i+a, 2j+c, o]."""
     if OUT_ALIGNED:  # N % 16 == 0 in a form the alignment analysis reads (vector-wide masks)
         mask_n = offs_n < N // 16 * 16
     else:
@@ -95,7 +98,7 @@ def _convt_epilogue(
     mask = (offs_m < M)[:, None] & mask_n[None, :]
     channel = offs_n % C_out
     y = acc + tl.load(Bias + channel, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    y = apply_activation(y, 1)  # exact GELU
+    y = apply_activation(y, ACTIVATION)
     pixel = offs_m % (H * W)
     out_rows = (Out + (offs_m // (H * W)).to(tl.int64) * stride_ob + (2 * (pixel // W)).to(tl.int64) * stride_oh
                 + (2 * (pixel % W)).to(tl.int64) * stride_ow)  # [BLOCK_M] output pixel (2i, 2j)
@@ -107,7 +110,7 @@ def _convt_epilogue(
 
 
 @triton.jit
-def _convt_gelu_kernel(
+def _convt_act_kernel(
     X,  # (B, H, W, C_in) input, channels-last, any strides
     Wt,  # (C_in, 4*C_out) prepared ConvTranspose weight (C_in, 2, 2, C_out) as a (K, N) matrix
     Bias,  # (C_out,) unit stride
@@ -117,6 +120,7 @@ def _convt_gelu_kernel(
     stride_xb, stride_xh, stride_xw, stride_xc,
     stride_wk, stride_wn,
     stride_ob, stride_oh, stride_ow, stride_oc,
+    ACTIVATION: tl.constexpr,  # gemm.ACTIVATIONS code of the activation
     ALIGNED: tl.constexpr,  # K % 16 == 0, N % 16 == 0, 16-byte aligned input pixels and weight rows
     OUT_ALIGNED: tl.constexpr,  # C_out % 16 == 0, 16-element aligned output pixel strides, aligned Out
     DOT_PRECISION: tl.constexpr,
@@ -156,12 +160,12 @@ def _convt_gelu_kernel(
         acc_left, acc_right = split_columns(acc, BLOCK_M, BLOCK_N)
         offs_left = pid_n * BLOCK_N + tl.arange(0, BLOCK_N // 2)
         _convt_epilogue(acc_left, offs_m, offs_left, M, N, C_out, H, W, Bias, Out,
-                        stride_ob, stride_oh, stride_ow, stride_oc, OUT_ALIGNED)
+                        stride_ob, stride_oh, stride_ow, stride_oc, ACTIVATION, OUT_ALIGNED)
         _convt_epilogue(acc_right, offs_m, offs_left + BLOCK_N // 2, M, N, C_out, H, W, Bias, Out,
-                        stride_ob, stride_oh, stride_ow, stride_oc, OUT_ALIGNED)
+                        stride_ob, stride_oh, stride_ow, stride_oc, ACTIVATION, OUT_ALIGNED)
     else:
         _convt_epilogue(acc, offs_m, offs_n, M, N, C_out, H, W, Bias, Out,
-                        stride_ob, stride_oh, stride_ow, stride_oc, OUT_ALIGNED)
+                        stride_ob, stride_oh, stride_ow, stride_oc, ACTIVATION, OUT_ALIGNED)
 
 
 @triton.jit
@@ -180,7 +184,7 @@ def _dwconv_tap(acc, row, row_inside, cols, W, offs_c, mask_c, stride_yw, stride
 # another binary than the one check-kernels compiles)
 @triton.jit(do_not_specialize=["B"])
 def _dwconv_layernorm_kernel(
-    Y,  # (B, H, W, C) GELU(ConvTranspose) output, channels-last, any strides
+    Y,  # (B, H, W, C) act(ConvTranspose) output, channels-last, any strides
     Wd,  # (C, 1, 3, 3) depthwise conv weight, any strides
     LnW, LnB,  # (C,) LayerNorm weight and bias, unit stride
     Out,  # (B, H, W, C) output, any strides
@@ -293,9 +297,9 @@ def _tuned_dwconv_kernel():
 
 
 @on_input_device
-def convt_gelu(x: torch.Tensor, convt_weight: torch.Tensor, convt_bias: torch.Tensor, *,
-               out: torch.Tensor | None = None, config: _gemm.GemmConfig | None = None) -> torch.Tensor:
-    """GELU(ConvTranspose2d(k=2, s=2)(x) + bias), channels-last: (B, H, W, C_in) -> (B, 2H, 2W, C_out)."""
+def convt_activation(x: torch.Tensor, convt_weight: torch.Tensor, convt_bias: torch.Tensor, activation: str = "gelu",
+                     *, out: torch.Tensor | None = None, config: _gemm.GemmConfig | None = None) -> torch.Tensor:
+    """act(ConvTranspose2d(k=2, s=2)(x) + bias), channels-last: (B, H, W, C_in) -> (B, 2H, 2W, C_out)."""
     batch, height, width, c_in = x.shape
     c_out = convt_weight.shape[-1]
     weight = convt_weight.reshape(c_in, 4 * c_out)  # a view of the prepared (contiguous) weight
@@ -310,11 +314,11 @@ def convt_gelu(x: torch.Tensor, convt_weight: torch.Tensor, convt_bias: torch.Te
     out_aligned = (c_out % 16 == 0 and out.stride(3) == 1 and _aligned16(out, out.stride()[:3])
                    and all(s % 16 == 0 for s in out.stride()[:3]))
     args = (x, weight, bias, out, m, n, k, c_out, height, width, *x.stride(), *weight.stride(), *out.stride())
-    meta = dict(ALIGNED=aligned, OUT_ALIGNED=out_aligned,
+    meta = dict(ACTIVATION=_gemm.ACTIVATIONS[check_activation(activation)], ALIGNED=aligned, OUT_ALIGNED=out_aligned,
                 DOT_PRECISION=_gemm.FP32_DOT_PRECISION if x.dtype == torch.float32 else "tf32")  # 16-bit: unused
     grid = lambda cfg: (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)  # noqa: E731
     if config is not None:
-        _convt_gelu_kernel[grid(config.meta())](*args, **meta, **config.meta(), num_warps=config.num_warps,
+        _convt_act_kernel[grid(config.meta())](*args, **meta, **config.meta(), num_warps=config.num_warps,
                                                 num_stages=config.num_stages, **LAUNCH_OPTIONS)
     else:
         _tuned_convt_kernel(x.dtype == torch.float32)[grid](*args, **meta, **LAUNCH_OPTIONS)
@@ -350,6 +354,7 @@ def upscale_block_forward(
     ln_weight: torch.Tensor,
     ln_bias: torch.Tensor,
     eps: float,
+    activation: str = "gelu",
     *,
     out: torch.Tensor | None = None,
     config: _gemm.GemmConfig | None = None,
@@ -359,6 +364,7 @@ def upscale_block_forward(
     x may be any strided view with unit channel stride (e.g. the patch tokens of the token buffer viewed as
     (B, g, g, C)); ``out`` a (B, 2H, 2W, C) tensor to write into; ``config`` fixes the ConvTranspose GEMM
     tile instead of autotuning."""
+    check_activation(activation)
     if x.dim() != 4:
         raise ValueError(f"x must be channels-last (B, H, W, C), got shape {tuple(x.shape)}")
     batch, height, width, channels = x.shape
@@ -381,7 +387,7 @@ def upscale_block_forward(
     shape = (batch, 2 * height, 2 * width, c_out)
     if out is not None and (tuple(out.shape) != shape or out.dtype != dtype):
         raise ValueError(f"out must be a {dtype} tensor of shape {shape}, got {out.dtype} {tuple(out.shape)}")
-    y = convt_gelu(x, convt_weight, convt_bias, config=config)
+    y = convt_activation(x, convt_weight, convt_bias, activation, config=config)
     return dwconv_layernorm(y, dw_weight, ln_weight, ln_bias, eps, out=out)
 
 
@@ -397,13 +403,14 @@ def upscale_block(
     ln_weight: torch.Tensor,
     ln_bias: torch.Tensor,
     eps: float,
+    activation: str = "gelu",
 ) -> torch.Tensor:
-    """Triton ``upscale_block_ref`` (ConvTranspose 2x2 + GELU, depthwise 3x3 + LayerNorm)."""
-    return upscale_block_forward(x, convt_weight, convt_bias, dw_weight, ln_weight, ln_bias, eps)
+    """Triton ``upscale_block_ref`` (ConvTranspose 2x2 + act, depthwise 3x3 + LayerNorm)."""
+    return upscale_block_forward(x, convt_weight, convt_bias, dw_weight, ln_weight, ln_bias, eps, activation)
 
 
 @upscale_block.register_fake
-def _(x, convt_weight, convt_bias, dw_weight, ln_weight, ln_bias, eps):
+def _(x, convt_weight, convt_bias, dw_weight, ln_weight, ln_bias, eps, activation="gelu"):
     batch, height, width, _ = x.shape
     return x.new_empty((batch, 2 * height, 2 * width, convt_weight.shape[-1]))
 
@@ -416,22 +423,23 @@ TRITON_OPS = {"upscale": upscale_block}
 _TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
-def convt_aot_spec(dtype: torch.dtype, config: _gemm.GemmConfig):
-    """``_convt_gelu_kernel`` as the launcher compiles it on a GPU for a contiguous input and output and the
+def convt_aot_spec(dtype: torch.dtype, config: _gemm.GemmConfig, activation: str = "gelu"):
+    """``_convt_act_kernel`` as the launcher compiles it on a GPU for a contiguous input and output and the
     prepared weight (unit strides are constants, as the JIT specialises them; ALIGNED flags set)."""
     from eomt_fast.aot import KernelSpec
 
     t = _TRITON_DTYPE[dtype]
     ints = ["M", "N", "K", "C_out", "H", "W", "stride_xb", "stride_xh", "stride_xw", "stride_wk",
             "stride_ob", "stride_oh", "stride_ow"]
-    constexprs = {"stride_xc": 1, "stride_wn": 1, "stride_oc": 1, "ALIGNED": True, "OUT_ALIGNED": True,
+    constexprs = {"stride_xc": 1, "stride_wn": 1, "stride_oc": 1, "ACTIVATION": _gemm.ACTIVATIONS[activation],
+                  "ALIGNED": True, "OUT_ALIGNED": True,
                   "DOT_PRECISION": _gemm.FP32_DOT_PRECISION if dtype == torch.float32 else "tf32", **config.meta()}
     signature = {"X": f"*{t}", "Wt": f"*{t}", "Bias": f"*{t}", "Out": f"*{t}", **{n: "i32" for n in ints},
                  **{n: "constexpr" for n in constexprs}}
     c = config
-    name = (f"upscale_convt_gelu_{t}_{c.block_m}x{c.block_n}x{c.block_k}_w{c.num_warps}s{c.num_stages}"
+    name = (f"upscale_convt_{activation}_{t}_{c.block_m}x{c.block_n}x{c.block_k}_w{c.num_warps}s{c.num_stages}"
             + (f"_sub{c.epilogue_subtiles}" if c.epilogue_subtiles > 1 else ""))
-    return KernelSpec(name=name, fn=_convt_gelu_kernel, signature=signature, constexprs=constexprs,
+    return KernelSpec(name=name, fn=_convt_act_kernel, signature=signature, constexprs=constexprs,
                       num_warps=c.num_warps, num_stages=c.num_stages, needs_wgmma=dtype != torch.float32)
 
 
@@ -451,11 +459,12 @@ def dwconv_aot_spec(dtype: torch.dtype, channels: int, block_p: int, num_warps: 
 
 
 def aot_specs() -> list:
-    # the ConvT GEMM: every bf16 tile of the autotune list, the first in fp16, fp32; the depthwise +
+    # the ConvT GEMM: every bf16 tile of the autotune list, the first in fp16, fp32, SiLU (EoMT-DINOv3's gated
+    # models) at the largest bf16 tile; the depthwise +
     # LayerNorm kernel at every tile of the hidden sizes of ViT-S/B/L/g (384, 768, 1024, 1536), bf16 and fp32
     configs = convt_configs()
     return ([convt_aot_spec(torch.bfloat16, c) for c in configs]
-            + [convt_aot_spec(torch.float16, configs[0])]
+            + [convt_aot_spec(torch.float16, configs[0]), convt_aot_spec(torch.bfloat16, configs[0], "silu")]
             + [convt_aot_spec(torch.float32, c) for c in convt_configs(fp32=True)]
             + [dwconv_aot_spec(dtype, c, p, w) for dtype in (torch.bfloat16, torch.float32)
                for c in (384, 768, 1024, 1536) for p, w in dwconv_configs(c)]

@@ -56,7 +56,7 @@ def test_unknown_keys_survive_a_round_trip():
         ({"image_size": 100, "patch_size": 16}, r"image_size \(100\) must be divisible by patch_size \(16\)"),
         ({"num_blocks": 30}, r"num_blocks \(30\) cannot exceed num_hidden_layers \(24\)"),
         ({"num_blocks": -1}, "num_blocks must be an int >= 0"),
-        ({"hidden_act": "relu"}, "hidden_act 'relu' is not supported; supported: gelu"),
+        ({"hidden_act": "gelu_new"}, "hidden_act 'gelu_new' is not supported; supported: gelu, silu, relu"),
         ({"num_queries": 0}, "num_queries must be a positive int"),
         ({"hidden_size": "1024"}, "hidden_size must be a positive int"),
         ({"image_size": [640, 480]}, r"image_size must be an int or a square"),
@@ -85,3 +85,27 @@ def test_square_pairs_and_num_labels():
 
 def test_swiglu_hidden_size():
     assert EomtFastConfig(hidden_size=1536, num_attention_heads=24, use_swiglu_ffn=True).mlp_hidden_size == 4096
+
+
+def test_supported_activations_are_the_kernels():
+    """Every hidden_act the config accepts has a reference and a GEMM epilogue in the kernels."""
+    from eomt_fast.config import SUPPORTED_ACTIVATIONS
+    from eomt_fast.kernels import gemm, linear
+
+    assert SUPPORTED_ACTIVATIONS == tuple(linear.ACTIVATION_REFS)
+    assert set(SUPPORTED_ACTIVATIONS) <= set(gemm.ACTIVATIONS)
+
+
+@pytest.mark.parametrize(
+    "fields,activation,mlp_activation",
+    [
+        ({}, "gelu", "gelu"),
+        ({"hidden_act": "relu"}, "relu", "relu"),
+        ({"use_swiglu_ffn": True, "hidden_act": "relu"}, "relu", "silu"),  # EomtSwiGLUFFN is SiLU regardless
+        ({"model_type": "eomt_dinov3", "use_gated_mlp": True, "hidden_act": "gelu"}, "gelu", "gelu"),  # GeGLU
+        ({"model_type": "eomt_dinov3", "use_gated_mlp": True, "hidden_act": "silu"}, "silu", "silu"),
+    ],
+)
+def test_activation_of_each_part(fields, activation, mlp_activation):
+    config = EomtFastConfig.from_dict({"model_type": "eomt", **fields})
+    assert (config.activation, config.mlp_activation) == (activation, mlp_activation)

@@ -43,6 +43,8 @@ CASES = [
     ("dinov3_r4", [1.0, 0.0], 2),
     ("dinov3_nobias_hd12", [0.5, 1.0, 0.0], 2),
     ("dinov3_nobias_hd12", [1.0, 1.0, 1.0], 1),
+    ("dinov3_gated_silu", [1.0, 0.0], 2),
+    ("dinov3_geglu_nobias", [1.0], 1),
 ]
 
 
@@ -143,7 +145,8 @@ def test_hidden_states_and_attentions_match_transformers():
 
 @pytest.mark.skipif(not (torch.cuda.is_available() or dispatch.triton_interpreting()),
                     reason="needs CUDA or TRITON_INTERPRET=1")
-@pytest.mark.parametrize("name,probs", [("dinov3_r4", [1.0, 0.0]), ("dinov3_nobias_hd12", [0.0, 1.0, 1.0])])
+@pytest.mark.parametrize("name,probs", [("dinov3_r4", [1.0, 0.0]), ("dinov3_nobias_hd12", [0.0, 1.0, 1.0]),
+                                        ("dinov3_gated_silu", [1.0, 1.0]), ("dinov3_geglu_nobias", [0.0])])
 def test_triton_backend_matches_plain_path_fp32(name, probs):
     hf = hf_model(name, seed=13, dtype=torch.float32, probs=probs)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -159,8 +162,8 @@ def test_triton_backend_matches_plain_path_fp32(name, probs):
 @pytest.mark.parametrize(
     "changes,match",
     [
-        ({"use_gated_mlp": True}, "use_gated_mlp=true is not supported"),
-        ({"use_gated_mlp": True, "hidden_act": "silu"}, "hidden_act 'silu' is not supported"),  # mask head, upscale
+        ({"use_gated_mlp": "yes"}, "use_gated_mlp must be true or false"),
+        ({"use_gated_mlp": True, "hidden_act": "gelu_new"}, "hidden_act 'gelu_new' is not supported"),
         ({"rope_parameters": {"rope_type": "linear", "rope_theta": 100.0}}, "rope_type 'linear' is not supported"),
         ({"rope_parameters": {"rope_theta": 0}}, "rope_theta must be a number > 0, got 0"),
         ({"rope_parameters": {"rope_theta": None}}, "rope_theta must be a number > 0, got None"),

@@ -1,4 +1,4 @@
-"""The Triton LayerNorm-MLP sublayers (GELU and SwiGLU) against their references in float64.
+"""The Triton LayerNorm-MLP sublayers (MLP and gated MLP, every activation) against their references in float64.
 
 Without CUDA the kernels run in Triton's interpreter (fp32 and fp16) at small hidden sizes and awkward
 token counts; the ``gpu`` tests use EoMT-L/g shapes in bf16, fp16 and fp32. Every launch writes into a
@@ -60,6 +60,32 @@ def test_layernorm_mlp_matches_reference(op, shape, dtype, ln_mode):
     assert_close_to_ref(out, ref, args)
 
 
+DEFAULT_ACTIVATION = {"mlp": "gelu", "swiglu": "silu"}  # of the reference and the ops (EoMT's GELU MLP, SwiGLU)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("activation", ["gelu", "silu", "relu"])
+@pytest.mark.parametrize("op", OPS)
+def test_every_activation_matches_reference(op, activation, dtype):
+    """hidden_act of the MLP, or of the gate (EoMT-DINOv3's gated MLP applies hidden_act: GeGLU with GELU)."""
+    forward, ref = OPS[op]
+    args = (*make_inputs(130, 48, swiglu=op == "swiglu", dtype=dtype, seed=8), activation)
+    out = poison_(torch.empty_like(args[0]))
+    assert forward(*args, out=out) is out
+    assert_close_to_ref(out, ref, args)
+    if activation != DEFAULT_ACTIVATION[op]:  # the activation is applied: not the default's result
+        assert not torch.allclose(out, ref(*args[:-1]), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_unknown_activation_is_refused_by_name(op):
+    forward, ref = OPS[op]
+    args = (*make_inputs(3, 32, swiglu=op == "swiglu", dtype=torch.float32), "gelu_new")
+    for fn in (forward, ref):
+        with pytest.raises(ValueError, match="activation must be one of gelu, silu, relu, got 'gelu_new'"):
+            fn(*args)
+
+
 @pytest.mark.parametrize("op", OPS)
 def test_layernorm_mlp_batched_split_k(op):
     """(batch, tokens, C) input, fc2 split over K in two, and the fixed-tile path."""
@@ -84,11 +110,14 @@ def test_registered_op(name):
     op, op_into, entry = REGISTERED[name]
     assert TRITON_OPS[name] is entry
     args = make_inputs(5, 32, swiglu=name == "layernorm_swiglu", dtype=torch.float32, batch=2)
+    default = "silu" if name == "layernorm_swiglu" else "gelu"
     torch.library.opcheck(op, args)
-    torch.library.opcheck(op_into, (*args, poison_(torch.empty_like(args[0]))))
+    torch.library.opcheck(op, (*args, "relu"))
+    torch.library.opcheck(op_into, (*args, default, poison_(torch.empty_like(args[0]))))
     ref = layernorm_swiglu_ref if name == "layernorm_swiglu" else layernorm_mlp_ref
     assert_close_to_ref(op(*args), ref, args)
     assert torch.equal(entry(*args), op(*args))
+    assert torch.equal(entry(*args, activation="relu"), op(*args, "relu"))
 
 
 @pytest.mark.parametrize("ln_mode", gemm.LN_MODES)
@@ -123,6 +152,15 @@ def test_out_in_the_reference_and_the_dispatch_entry(name):
     y = args[0].clone()
     assert entry(y, *args[1:], out=y) is y
     assert torch.equal(y, entry(*args))
+    for activation in ("relu", "gelu"):  # by position and by name, into out: the reference's result
+        y = args[0].clone()
+        assert entry(y, *args[1:], activation, out=y) is y
+        assert torch.equal(y, entry(*args, activation=activation))
+        torch.testing.assert_close(y, ref(*args, activation), rtol=1e-5, atol=1e-5)
+    with pytest.raises(TypeError, match="unexpected arguments"):
+        entry(*args, act="relu")
+    with pytest.raises(TypeError, match="missing the argument 'scale'"):
+        entry(*args[:-1])
 
     def sublayer(tokens, *weights):
         body = tokens[:, 3:]

@@ -76,6 +76,19 @@ def test_split_k(op):
     run(op, make_inputs(op, 37, 96, torch.float16, batch=3, bias=op == "mask_head"), split_k=2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("activation", ["silu", "relu"])
+def test_mask_head_other_activations(activation, dtype):
+    """hidden_act SiLU (EoMT-DINOv3's gated models) or ReLU in place of the mask head's GELUs; an unknown one
+    is refused by name."""
+    args = (*make_inputs("mask_head", 130, 64, dtype, seed=4), activation)
+    run("mask_head", args)
+    assert not torch.allclose(mask_head_ref(*args), mask_head_ref(*args[:-1]), rtol=1e-2, atol=1e-2)
+    for fn in (mask_head_forward, mask_head_ref):
+        with pytest.raises(ValueError, match="activation must be one of gelu, silu, relu, got 'none'"):
+            fn(*args[:-1], "none")
+
+
 REGISTERED = {"layernorm_qkv": layernorm_linear, "out_projection": linear_residual, "mask_head": mask_head}
 
 
@@ -89,6 +102,8 @@ def test_registered_op(op):
     if op != "mask_head":  # bias is optional in the schema
         args = make_inputs(op, 5, 32, torch.float32, batch=2, bias=False)
         torch.library.opcheck(REGISTERED[op], args)
+    else:  # the activation is an argument
+        torch.library.opcheck(REGISTERED[op], (*args, "silu"))
     assert TRITON_OPS[op] is (out_projection_op if op == "out_projection" else REGISTERED[op])
 
 

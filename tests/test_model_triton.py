@@ -13,12 +13,14 @@ pytestmark = pytest.mark.skipif(
 
 OUTPUTS = ("masks_queries_logits", "class_queries_logits", "last_hidden_state")
 
-# (config, attn_mask_probs, batch): masking off and on, the reuse quirk, SwiGLU, registers 0, 1 upscale block
+# (config, attn_mask_probs, batch): masking off and on, the reuse quirk, SwiGLU, registers 0, 1 upscale block,
+# hidden_act SiLU
 CASES = [
     ("hf_tiny", [0.0], 2),
     ("hf_tiny", [1.0], 1),
     ("r0_swiglu", [1.0, 0.0, 1.0], 1),
     ("hd64_up1", [1.0], 2),
+    ("silu_r2", [1.0, 0.0], 1),
 ]
 
 

@@ -31,6 +31,7 @@ CASES = [
     ("r0_swiglu", [1.0, 0.3, 0.0], 2),
     ("r0_swiglu", [0.0, 0.0, 0.0], 1),
     ("hd64_up1", [1.0], 1),
+    ("silu_r2", [1.0, 0.0], 2),
 ]
 
 
@@ -48,6 +49,19 @@ def test_from_pretrained_matches_transformers(tmp_path, name, probs, batch, dtyp
     torch.manual_seed(123)
     got = ours(pixel_values)
     assert_outputs_close(got, expected, TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("name", ["small_r4", "r0_swiglu"])
+def test_relu_models_match_transformers(name):
+    """hidden_act ReLU: in the MLP, the mask head and the upscale blocks; with use_swiglu_ffn transformers'
+    SwiGLU stays SiLU, so only the heads change."""
+    cfg = dict(TEST_CONFIGS[name], hidden_act="relu")
+    hf = random_hf_model(seed=11, dtype=torch.float64, attn_mask_probs=[1.0] * cfg["num_blocks"], **cfg)
+    ours = EomtFastForUniversalSegmentation.from_hf(hf)
+    assert ours.config.activation == "relu"
+    size = hf.config.image_size
+    pixel_values = torch.randn(2, 3, size, size, dtype=torch.float64)
+    assert_outputs_close(ours(pixel_values), hf(pixel_values), TOLERANCE[torch.float64])
 
 
 def test_from_hf_matches_and_shares_nothing():

@@ -1,4 +1,4 @@
-"""The Triton upscale block of kernels/upscale.py (ConvTranspose 2x2 + GELU GEMM, depthwise 3x3 + LayerNorm)
+"""The Triton upscale block of kernels/upscale.py (ConvTranspose 2x2 + activation GEMM, depthwise 3x3 + LayerNorm)
 against upscale_block_ref in float64.
 
 Without CUDA the kernels run in Triton's interpreter (fp32 and fp16) at small, awkward shapes; the ``gpu``
@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from eomt_fast.kernels.upscale import (
     TRITON_OPS,
-    convt_gelu,
+    convt_activation,
     dwconv_layernorm,
     prepare_convt_weight,
     upscale_block,
@@ -76,7 +76,7 @@ def test_matches_reference(shape, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=DTYPE_IDS.get)
 @pytest.mark.parametrize("channels", [(24, 24), (16, 40)], ids=lambda c: f"Cin{c[0]}-Cout{c[1]}")
-def test_convt_gelu_pixel_scatter(channels, dtype):
+def test_convt_activation_pixel_scatter(channels, dtype):
     """The GEMM alone: every one of the 2x2 output pixels of every input pixel written, GELU(ConvT + b); also
     with C_out != C_in (160 GEMM columns: 2.5 column tiles)."""
     c_in, c_out = channels
@@ -85,13 +85,23 @@ def test_convt_gelu_pixel_scatter(channels, dtype):
     weight = prepare_convt_weight(torch.randn(c_in, c_out, 2, 2, generator=g) * c_in**-0.5).to(dtype)
     bias = (torch.randn(c_out, generator=g) * 0.1).to(dtype)
     out = poison_(x.new_empty(2, 6, 10, c_out))
-    assert convt_gelu(x, weight, bias, out=out) is out
+    assert convt_activation(x, weight, bias, out=out) is out
 
     def ref(x, w, b):  # the model's nn.ConvTranspose2d weight is (C_in, C_out, 2, 2)
         return F.gelu(F.conv_transpose2d(x.permute(0, 3, 1, 2), w.permute(0, 3, 1, 2), b, stride=2)).permute(0, 2, 3, 1)
 
     theirs = ref(x.float(), weight.float(), bias.float()).to(dtype)  # CPU conv_transpose2d: no fp16 kernel
     assert_close(out, theirs, ref(x.double(), weight.double(), bias.double()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("activation", ["silu", "relu"])
+def test_other_activations_match_reference(activation, dtype):
+    """hidden_act SiLU (EoMT-DINOv3's gated models) or ReLU in place of the GELU after the ConvTranspose."""
+    args = (*make_inputs(2, 3, 5, 24, dtype=dtype, seed=2), activation)
+    run(args)
+    gelu = upscale_block_ref(*args[:-1])
+    assert not torch.allclose(upscale_block_ref(*args), gelu, rtol=1e-2, atol=1e-2)
 
 
 # (B, H, W, C): 7 x 9 with C = 24 (one pixel block per row); 3 x 40 with C = 200 (BLOCK_C 256, so 16-pixel
@@ -143,6 +153,7 @@ def test_registered_op():
     assert TRITON_OPS["upscale"] is upscale_block and triton_ops()["upscale"] is upscale_block
     args = make_inputs(2, 2, 3, 16, torch.float32, seed=6)
     torch.library.opcheck(upscale_block, args)
+    torch.library.opcheck(upscale_block, (*args, "silu"))
     compiled = torch.compile(upscale_block, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(*args), upscale_block(*args), rtol=0, atol=0)
 
@@ -155,14 +166,17 @@ def test_invalid_inputs():
         upscale_block_forward(x.half(), wt, b, dw, lnw, lnb, eps)
     with pytest.raises(ValueError, match="dw_weight"):
         upscale_block_forward(x, wt, b, dw[:, :, :2], lnw, lnb, eps)
+    for fn in (upscale_block_forward, upscale_block_ref):
+        with pytest.raises(ValueError, match="activation must be one of gelu, silu, relu, got 'tanh'"):
+            fn(x, wt, b, dw, lnw, lnb, eps, "tanh")
 
 
 def test_aot_sm90_no_spills_and_wgmma():
     """Every bf16/fp32 AOT spec compiles for sm_90 without spills, the 16-bit ConvT GEMMs with wgmma. In a
     subprocess: under TRITON_INTERPRET the kernels are interpreter functions, not compilable ones."""
     reports = compile_aot_specs_sm90("upscale")
-    convt = [r for r in reports if r["name"].startswith("upscale_convt_gelu_bf16")]
-    assert convt and all(r["wgmma"] for r in convt)
+    convt = [r for r in reports if r["name"].startswith(("upscale_convt_gelu_bf16", "upscale_convt_silu_bf16"))]
+    assert len({r["name"].split("_")[2] for r in convt}) == 2 and all(r["wgmma"] for r in convt)
     assert any(r["name"].startswith("upscale_dwconv_layernorm") for r in reports)
 
 
