@@ -97,6 +97,14 @@ def on_input_device(launcher: F) -> F:
     return launch  # type: ignore[return-value]
 
 
+def gpu_arch(tensor: torch.Tensor) -> tuple[int, int] | None:
+    """The compute capability of ``tensor``'s CUDA device (None off CUDA), which every autotuner factory
+    (``_tuned_*(..., arch=)``) is cached on: Triton's Autotuner keys its cache on the key arguments and dtypes,
+    never the device, so without it a tile tuned on an H100 (228 KiB of shared memory) would be reused,
+    untimed, on a ~100 KiB GPU of another architecture in the same process and fail to launch there."""
+    return torch.cuda.get_device_capability(tensor.device) if tensor.is_cuda else None
+
+
 def check_devices(name: str, tensor: torch.Tensor, **others: torch.Tensor | None) -> None:
     """ValueError unless every tensor of ``others`` (None: absent) is on ``tensor``'s device. A kernel given a
     pointer to another GPU's memory would read it across the bus, or fault and lose the CUDA context."""
@@ -105,5 +113,5 @@ def check_devices(name: str, tensor: torch.Tensor, **others: torch.Tensor | None
             raise ValueError(f"{name} is on {tensor.device} but {other_name} on {other.device}")
 
 
-__all__ = ["HAS_TRITON", "INTERPRETING", "LAUNCH_OPTIONS", "check_devices", "device_of", "on_input_device", "tl", "triton",
+__all__ = ["HAS_TRITON", "INTERPRETING", "LAUNCH_OPTIONS", "check_devices", "device_of", "gpu_arch", "on_input_device", "tl", "triton",
            "triton_interpreting"]

@@ -7,11 +7,12 @@ boolean (B, Q, P) tensor (True = may attend), shared by all heads, and no (S, S)
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 import torch.nn.functional as F
-from ._triton import INTERPRETING, LAUNCH_OPTIONS, check_devices, on_input_device, tl, triton  # Triton, or a stand-in without it
+from ._triton import INTERPRETING, LAUNCH_OPTIONS, check_devices, gpu_arch, on_input_device, tl, triton  # Triton, or a stand-in without it
 
 
 def expand_query_patch_mask(query_patch_mask: torch.Tensor, seq_len: int, patch_start: int) -> torch.Tensor:
@@ -359,10 +360,12 @@ def _masked_attention_fwd_kernel(
 
 # keyed on what sets the grid (B, H, S) and the work of a program (Q, HEAD_DIM, flags): batch 1 and batch 8
 # fill the SMs differently, so each gets its own tile
-_masked_attention_fwd_autotuned = triton.autotune(
-    configs=_configs(), key=["B", "H", "S", "Q", "HEAD_DIM", "HAS_MASK", "ALIGNED"],
-    prune_configs_by={"early_config_prune": _prune_configs},
-)(_masked_attention_fwd_kernel)
+@functools.lru_cache(maxsize=None)
+def _tuned_attention_kernel(arch: tuple[int, int] | None = None):  # one per arch: _triton.gpu_arch
+    return triton.autotune(
+        configs=_configs(), key=["B", "H", "S", "Q", "HEAD_DIM", "HAS_MASK", "ALIGNED"],
+        prune_configs_by={"early_config_prune": _prune_configs},
+    )(_masked_attention_fwd_kernel)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -477,7 +480,7 @@ def masked_attention_fwd(
     )
     if block_m is None and block_n is None:
         grid = lambda cfg: (batch * num_heads, triton.cdiv(seq_len, cfg["BLOCK_M"]))  # noqa: E731
-        _masked_attention_fwd_autotuned[grid](*args, **meta, **LAUNCH_OPTIONS)
+        _tuned_attention_kernel(arch=gpu_arch(qkv))[grid](*args, **meta, **LAUNCH_OPTIONS)
     else:
         block_m, block_n = block_m or 64, block_n or 64
         if block_n < 32 or block_n > MAX_BLOCK_N or block_n & (block_n - 1):

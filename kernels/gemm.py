@@ -73,7 +73,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from ._triton import INTERPRETING, LAUNCH_OPTIONS, check_devices, on_input_device, tl, triton  # Triton, or a stand-in without it
+from ._triton import INTERPRETING, LAUNCH_OPTIONS, check_devices, gpu_arch, on_input_device, tl, triton  # Triton, or a stand-in without it
 
 
 ACTIVATIONS = {"none": 0, "gelu": 1, "silu": 2, "relu": 3}
@@ -215,9 +215,10 @@ def _in_place_tile(out: torch.Tensor, tuned, key: tuple, grid: Callable, args: t
 
 
 @functools.lru_cache(maxsize=None)
-def _tuned_kernel(glu: bool, ln_prologue: bool, fp32: bool, view_4d: bool, restore_out: bool = False):
+def _tuned_kernel(glu: bool, ln_prologue: bool, fp32: bool, view_4d: bool, restore_out: bool = False,
+                  arch: tuple[int, int] | None = None):
     """The autotuned GEMM for these flags; ``restore_out``: put Out back after each benchmark run (an
-    in-place residual update would otherwise be applied once per run)."""
+    in-place residual update would otherwise be applied once per run); one per ``arch`` (_triton.gpu_arch)."""
     configs = [triton.Config(c.meta(), num_warps=c.num_warps, num_stages=c.num_stages)
                for c in gemm_configs(glu, ln_prologue, fp32, view_4d)]
     # every flag that changes the compiled code is in the key: variants (a bias or not, row-split or aligned
@@ -774,12 +775,13 @@ def gemm(
                                           num_warps=config.num_warps, num_stages=config.num_stages, **LAUNCH_OPTIONS)
     else:
         flags = (glu, mean is not None, a.dtype == torch.float32, view_4d)
-        tuned, meta, tile = _tuned_kernel(*flags), {**epilogue, **mainloop}, None
+        arch = gpu_arch(out)
+        tuned, meta, tile = _tuned_kernel(*flags, arch=arch), {**epilogue, **mainloop}, None
         if in_place and split_k == 1:  # (with split-K the GEMM writes the workspace, not out)
             key = (*flags, m, n, k, a.dtype, weight.dtype, out.dtype, out.device, tuple(sorted(meta.items())))
             tile = _in_place_tile(out, tuned, key, grid, args, meta)
             if tile is None:  # restore out after each benchmark run instead
-                tuned = _tuned_kernel(*flags, restore_out=True)
+                tuned = _tuned_kernel(*flags, restore_out=True, arch=arch)
         if tile is not None:
             _gemm_kernel[grid(tile.kwargs)](*args, **meta, **tile.all_kwargs(), **LAUNCH_OPTIONS)
         else:

@@ -61,7 +61,7 @@ def grid_attention_mask_ref(
 import functools  # noqa: E402
 
 from . import gemm as _gemm  # noqa: E402
-from ._triton import INTERPRETING, LAUNCH_OPTIONS, check_devices, on_input_device, tl, triton  # noqa: E402  (Triton, or a stand-in)
+from ._triton import INTERPRETING, LAUNCH_OPTIONS, check_devices, gpu_arch, on_input_device, tl, triton  # noqa: E402  (Triton, or a stand-in)
 from .gemm import grouped_tile  # noqa: E402
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -94,7 +94,7 @@ def grid_mask_configs(fp32: bool = False) -> list[_gemm.GemmConfig]:
 
 
 @functools.lru_cache(maxsize=None)
-def _tuned_grid_mask_kernel(fp32: bool):
+def _tuned_grid_mask_kernel(fp32: bool, arch: tuple[int, int] | None = None):  # one per arch: _triton.gpu_arch
     configs = [triton.Config(c.meta(), num_warps=c.num_warps, num_stages=c.num_stages)
                for c in grid_mask_configs(fp32)]
     # batch 1 gives few tiles (g*g x Q), batch 8 eight times as many: each gets its own tile
@@ -260,7 +260,7 @@ def grid_attention_mask_forward(mask_embeddings: torch.Tensor, pixel_embeddings:
         _grid_mask_kernel[grid(config.meta())](*args, **meta, **config.meta(), num_warps=config.num_warps,
                                                num_stages=config.num_stages, **LAUNCH_OPTIONS)
     else:
-        _tuned_grid_mask_kernel(fp32)[grid](*args, **meta, **LAUNCH_OPTIONS)
+        _tuned_grid_mask_kernel(fp32, arch=gpu_arch(out))[grid](*args, **meta, **LAUNCH_OPTIONS)
     return out
 
 

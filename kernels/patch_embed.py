@@ -50,7 +50,7 @@ def patch_embed_ref(
 import functools  # noqa: E402
 
 from . import gemm as _gemm  # noqa: E402
-from ._triton import INTERPRETING, LAUNCH_OPTIONS, check_devices, on_input_device, tl, triton  # noqa: E402  (Triton, or a stand-in)
+from ._triton import INTERPRETING, LAUNCH_OPTIONS, check_devices, gpu_arch, on_input_device, tl, triton  # noqa: E402  (Triton, or a stand-in)
 from .gemm import grouped_tile, split_columns  # noqa: E402
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -63,7 +63,7 @@ def patch_embed_configs(fp32: bool = False) -> list[_gemm.GemmConfig]:
 
 
 @functools.lru_cache(maxsize=None)
-def _tuned_kernel(fp32: bool):
+def _tuned_kernel(fp32: bool, arch: tuple[int, int] | None = None):  # one per arch: _triton.gpu_arch
     configs = [triton.Config(c.meta(), num_warps=c.num_warps, num_stages=c.num_stages)
                for c in patch_embed_configs(fp32)]
     key = ["M", "N", "K", "PATCH", "ALIGNED", "OUT_ALIGNED"]  # every flag that changes the compiled code
@@ -227,7 +227,7 @@ def patch_embed_forward(
         _patch_embed_kernel[grid(config.meta())](*args, **meta, **config.meta(), num_warps=config.num_warps,
                                                  num_stages=config.num_stages, **LAUNCH_OPTIONS)
     else:
-        _tuned_kernel(dtype == torch.float32)[grid](*args, **meta, **LAUNCH_OPTIONS)
+        _tuned_kernel(dtype == torch.float32, arch=gpu_arch(out))[grid](*args, **meta, **LAUNCH_OPTIONS)
     return out
 
 

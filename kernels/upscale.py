@@ -65,7 +65,7 @@ def upscale_block_ref(
 import functools  # noqa: E402
 
 from . import gemm as _gemm  # noqa: E402
-from ._triton import INTERPRETING, LAUNCH_OPTIONS, check_devices, on_input_device, tl, triton  # noqa: E402  (Triton, or a stand-in)
+from ._triton import INTERPRETING, LAUNCH_OPTIONS, check_devices, gpu_arch, on_input_device, tl, triton  # noqa: E402  (Triton, or a stand-in)
 from .gemm import apply_activation, grouped_tile, split_columns  # noqa: E402
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -79,7 +79,7 @@ def convt_configs(fp32: bool = False) -> list[_gemm.GemmConfig]:
 
 
 @functools.lru_cache(maxsize=None)
-def _tuned_convt_kernel(fp32: bool):
+def _tuned_convt_kernel(fp32: bool, arch: tuple[int, int] | None = None):  # one per arch: _triton.gpu_arch
     configs = [triton.Config(c.meta(), num_warps=c.num_warps, num_stages=c.num_stages) for c in convt_configs(fp32)]
     key = ["M", "N", "K", "ACTIVATION", "ALIGNED", "OUT_ALIGNED"]  # every flag that changes the compiled code
     return triton.autotune(configs=configs, key=key)(_convt_act_kernel)
@@ -288,7 +288,7 @@ def _prune_dwconv_configs(configs, named_args, **kwargs):
 
 
 @functools.lru_cache(maxsize=None)
-def _tuned_dwconv_kernel():
+def _tuned_dwconv_kernel(arch: tuple[int, int] | None = None):  # one per arch: _triton.gpu_arch
     pairs = [dwconv_configs(1)[0]] if INTERPRETING else DWCONV_GPU_CONFIGS
     configs = [triton.Config({"BLOCK_P": p}, num_warps=w, num_stages=1) for p, w in pairs]
     prune = None if INTERPRETING else {"early_config_prune": _prune_dwconv_configs}
@@ -321,7 +321,7 @@ def convt_activation(x: torch.Tensor, convt_weight: torch.Tensor, convt_bias: to
         _convt_act_kernel[grid(config.meta())](*args, **meta, **config.meta(), num_warps=config.num_warps,
                                                 num_stages=config.num_stages, **LAUNCH_OPTIONS)
     else:
-        _tuned_convt_kernel(x.dtype == torch.float32)[grid](*args, **meta, **LAUNCH_OPTIONS)
+        _tuned_convt_kernel(x.dtype == torch.float32, arch=gpu_arch(x))[grid](*args, **meta, **LAUNCH_OPTIONS)
     return out
 
 
@@ -339,7 +339,7 @@ def dwconv_layernorm(y: torch.Tensor, dw_weight: torch.Tensor, ln_weight: torch.
     aligned = (channels % 16 == 0 and y.stride(3) == 1 and out.stride(3) == 1
                and _aligned16(y, y.stride()[:3]) and _aligned16(out, out.stride()[:3]))
     grid = (batch * height, triton.cdiv(width, DWCONV_SEGMENT))
-    _tuned_dwconv_kernel()[grid](
+    _tuned_dwconv_kernel(arch=gpu_arch(y))[grid](
         y, dw_weight, ln_weight, ln_bias, out, batch, height, width, channels, eps,
         *y.stride(), dw_weight.stride(0), dw_weight.stride(2), dw_weight.stride(3), *out.stride(),
         ALIGNED=aligned, BLOCK_C=triton.next_power_of_2(channels), SEGMENT=DWCONV_SEGMENT, **LAUNCH_OPTIONS)

@@ -12,6 +12,7 @@ import inspect
 from pathlib import Path
 
 import pytest
+import torch
 
 import eomt_fast.kernels
 from eomt_fast.kernels import attention, gemm, mask_logits, patch_embed, upscale
@@ -21,7 +22,7 @@ def autotuners():
     """(name, autotuner, constexprs fixed by the autotuner's own instance or derived from the key, the
     arguments that size the grid). Factories are called for every flag combination they are built for."""
     fixed_by_dtype = {"DOT_PRECISION"}  # tensor dtypes are part of every autotune key
-    yield "attention", attention._masked_attention_fwd_autotuned, fixed_by_dtype | {"BLOCK_D"}, {"B", "H", "S"}
+    yield "attention", attention._tuned_attention_kernel(), fixed_by_dtype | {"BLOCK_D"}, {"B", "H", "S"}
     for glu in (False, True):
         for ln_prologue in (False, True):
             for fp32 in (False, True):
@@ -64,3 +65,37 @@ def test_every_autotuner_in_the_kernels_is_checked():
                 calls.append(f"{path.name}:{node.lineno}")
     checked = {(name, tuner.fn.fn.__name__) for name, tuner, _, _ in autotuners()}
     assert len(calls) == len(checked) == 6, (calls, sorted(checked))
+
+
+FACTORIES = {"attention": attention._tuned_attention_kernel, "gemm": gemm._tuned_kernel,
+             "grid_mask": mask_logits._tuned_grid_mask_kernel, "patch_embed": patch_embed._tuned_kernel,
+             "convt": upscale._tuned_convt_kernel, "dwconv": upscale._tuned_dwconv_kernel}
+FLAGS = {"gemm": (False, False, False, False), "grid_mask": (False,), "patch_embed": (False,), "convt": (False,)}
+
+
+@pytest.mark.parametrize("name", list(FACTORIES))
+def test_each_gpu_architecture_gets_its_own_autotuner(name):
+    """Triton's Autotuner caches the winning tile on the key values and dtypes only, never the device: each
+    factory builds one autotuner per compute capability, so a tile that fits an H100's shared memory is not
+    reused, untimed, on another architecture in the same process."""
+    factory, flags = FACTORIES[name], FLAGS.get(name, ())
+    hopper, ada = factory(*flags, arch=(9, 0)), factory(*flags, arch=(8, 9))
+    assert hopper is not ada and hopper is factory(*flags, arch=(9, 0))
+    assert hopper.keys == ada.keys and len(hopper.configs) == len(ada.configs)  # the same tuning, separate caches
+
+
+def test_launchers_pass_their_devices_architecture():
+    """Every call of an autotuner factory in kernels/ names the architecture (arch=gpu_arch(tensor)), and
+    gpu_arch is None off CUDA."""
+    from eomt_fast.kernels._triton import gpu_arch
+
+    assert gpu_arch(torch.zeros(1)) is None
+    root = Path(eomt_fast.kernels.__file__).parent
+    calls, without = 0, []
+    for path in sorted(root.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id.startswith("_tuned_"):
+                calls += 1
+                if not any(k.arg == "arch" for k in node.keywords):
+                    without.append(f"{path.name}:{node.lineno} {node.func.id}")
+    assert calls >= len(FACTORIES) and not without, without

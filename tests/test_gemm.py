@@ -292,9 +292,9 @@ def test_in_place_calls_are_tuned_on_a_scratch_output(monkeypatch, report):
     interpreter_tile = G.triton.Config(G.INTERPRETER_CONFIG.meta(), num_warps=4, num_stages=1)
     tuner, asked, real = FakeTuner(interpreter_tile, report), [], G._tuned_kernel
 
-    def tuned_kernel(*flags, restore_out=False):
+    def tuned_kernel(*flags, restore_out=False, arch=None):
         asked.append(restore_out)
-        return tuner if not restore_out else real(*flags, restore_out=True)
+        return tuner if not restore_out else real(*flags, restore_out=True, arch=arch)
 
     monkeypatch.setattr(G, "_tuned_kernel", tuned_kernel)
     monkeypatch.setattr(G, "_IN_PLACE_TILES", {})
