@@ -206,10 +206,12 @@ def time_call(fn: Callable[..., Any], arg_sets: Sequence[tuple], device: torch.d
     """Time ``fn(*args)`` cycling through ``arg_sets`` (fresh random copies of the same inputs).
 
     On CUDA, ``cudagraph=None`` picks CUDA graphs for calls under a millisecond (launch overhead would
-    otherwise dominate); inside a graph every set is called once per replay. On a CPU the sets are
-    simply cycled."""
+    otherwise dominate), judged on a second call: the first may compile and autotune (seconds), which once
+    sent microsecond kernels to ``do_bench`` and timed their host launch instead of the GPU (H200,
+    2026-12-04). Inside a graph every set is called once per replay. On a CPU the sets are simply cycled."""
     if device.type == "cuda":
         if cudagraph is None:
+            fn(*arg_sets[0])  # compiles, autotunes
             torch.cuda.synchronize()
             t0 = time.perf_counter()
             fn(*arg_sets[0])

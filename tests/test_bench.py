@@ -7,6 +7,7 @@ import importlib
 import importlib.util
 import json
 import math
+import time
 from pathlib import Path
 
 import pytest
@@ -164,6 +165,37 @@ def test_timing_statistics():
     assert harness.rotation_count(1 << 20, 50 << 20) == 64  # small inputs: many copies, capped
     assert harness.rotation_count(10 << 20, 50 << 20) == 10  # 2x the cache in total
     assert harness.rotation_count(60 << 20, 50 << 20) == 1  # larger than the cache: no copies
+
+
+
+def test_graph_or_not_is_judged_on_a_second_call(monkeypatch):
+    """A first call that compiles and autotunes (slow) must not send a microsecond op to do_bench, which then
+    times its host launch (H200, 2026-12-04: kernels 5-20x 'slower' than they were)."""
+    calls, chosen = [], []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(harness, "time_cuda", lambda fn, cudagraph=False, **kw: chosen.append(cudagraph))
+
+    def op():
+        calls.append(1)
+        if len(calls) == 1:
+            time.sleep(0.01)  # the first call: compiling
+
+    harness.time_call(op, [()], torch.device("cuda"))
+    assert chosen == [True] and len(calls) == 2
+    calls.clear()
+    harness.time_call(lambda: time.sleep(0.002), [()], torch.device("cuda"))  # slow every time: no graph
+    assert chosen == [True, False]
+
+
+def test_profile_host_on_cpu(tmp_path, monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(BENCH_DIR))
+    module = importlib.import_module("profile_host")
+    report = tmp_path / "report.txt"
+    assert module.main(["--model", "tiny", "--device", "cpu", "--calls", "2", "--top", "12", "--out", str(report)]) == 0
+    text = report.read_text()
+    assert text == capsys.readouterr().out
+    assert "eager forward:" in text and "by own time" in text and "by inclusive time" in text
+    assert "_forward_tensors" in text  # the model's forward is in the profile
 
 
 # ---- eomt-fast bench ---------------------------------------------------------------------------------------

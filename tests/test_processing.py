@@ -450,7 +450,9 @@ def test_cuda_matches_cpu(outputs, task):
     cpu, cuda = EomtFastImageProcessor(**params), EomtFastImageProcessor(**params, device="cuda")
     pics = photos(SIZES)
     diff = (cuda(pics).pixel_values.cpu() - cpu(pics).pixel_values).abs()
-    assert diff.max() <= ONE_LEVEL and (diff > 0).float().mean() < 0.01
+    # float rounding (~1e-7: the GPU fuses the normalisation's multiply-add) differs in ~25% of the values on
+    # an H200; what is held to 1% is a whole level of difference (a resize rounding to the other uint8 step)
+    assert diff.max() <= ONE_LEVEL and (diff > ONE_LEVEL / 2).float().mean() < 0.01
     out = outputs[task]
     on_gpu = types.SimpleNamespace(masks_queries_logits=out.masks_queries_logits.cuda(),
                                    class_queries_logits=out.class_queries_logits.cuda(),
