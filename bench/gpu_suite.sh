@@ -44,8 +44,9 @@
 #   all            every step above but first-look, in order (about 60-90 minutes: only where no per-command
 #                  limit applies)
 #
-# Without .git on the GPU machine, pass the commit: EOMT_FAST_COMMIT=$(git rev-parse HEAD) (expanded where
-# the command is written). MODELS (default "eomt-l-640 eomt-s-640 eomt-b-640") are the presets of the
+# Pass the commit, expanded where the command is written: EOMT_FAST_COMMIT=<the 40 hex digits of git rev-parse
+# HEAD here>. The GPU machine may have no .git, or a stale one: on 2026-12-04 `git rev-parse HEAD` there
+# reported the commit the session had started from, not the one whose tree ran. MODELS (default "eomt-l-640 eomt-s-640 eomt-b-640") are the presets of the
 # model steps, in order; E2E_MODELS (default "eomt-l-640 eomt-s-640") those of the e2e step.
 # KERNEL_FILTER=eomt-l (or empty) widens the kernel steps to more model shapes; KERNEL_EXTRA adds arguments
 # to the kernel scripts (KERNEL_EXTRA="--quick --no-compile" on a CPU); SKIP_INSTALL=1 skips the pip install
