@@ -294,6 +294,18 @@ def write_outputs(out_dir: Path, item: InputImage, photo: np.ndarray, segmentati
     return base
 
 
+def use_cuda_graphs(choice: str, device: torch.device) -> bool:
+    """Whether ``--cuda-graphs`` CHOICE runs the forwards as CUDA graphs on ``device``: ``auto`` on CUDA (an
+    eager EoMT-L/640 forward measured 22-37 ms at batch 1 on an H200 and its graph 5.1 ms: the eager
+    forward is bound by the host launching Triton kernels), ``on`` anywhere CUDA is (else a ValueError),
+    ``off`` never."""
+    if choice not in ("auto", "on", "off"):
+        raise ValueError(f"--cuda-graphs must be auto, on or off, got {choice!r}")
+    if choice == "on" and device.type != "cuda":
+        raise ValueError(f"--cuda-graphs on needs a CUDA device, got {device}")
+    return choice != "off" and device.type == "cuda"
+
+
 def forward_fixed_batches(model, pixel_values: torch.Tensor, patch_offsets, batch_size: int):
     """The model on ``pixel_values`` in forwards of exactly ``batch_size`` inputs (the last one padded with
     copies of its last input). A GEMM's rows do not depend on the other rows of the same shape, but can
@@ -362,6 +374,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="cpu, cuda, cuda:1 (default: cuda:LOCAL_RANK when CUDA is present, else cpu)")
     parser.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: the checkpoint's)")
     parser.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
+    parser.add_argument("--cuda-graphs", default="auto", choices=["auto", "on", "off"],
+                        help="replay the forward as CUDA graphs (every forward has --batch-size inputs, so one "
+                             "graph a model input size); auto: on a CUDA device (default)")
     parser.add_argument("--threshold", type=float, default=0.8, help="minimum segment score (panoptic, instance)")
     parser.add_argument("--mask-threshold", type=float, default=0.5, help="mask probability threshold (panoptic)")
     parser.add_argument("--overlap-threshold", type=float, default=0.8,
@@ -435,6 +450,10 @@ def run(args: argparse.Namespace) -> int:
         torch.cuda.set_device(device)
     model = EomtFastForUniversalSegmentation.from_pretrained(args.model, device=device, dtype=args.dtype,
                                                              backend=args.backend, revision=args.revision)
+    if use_cuda_graphs(args.cuda_graphs, device):
+        # forward_fixed_batches asks for no hidden states or attentions, whatever config.json says
+        model.config.extra.update(output_hidden_states=False, output_attentions=False)
+        model.enable_cuda_graphs()
     processor = EomtFastImageProcessor.from_pretrained(args.model, task=args.task, device=device,
                                                        revision=args.revision)
     if processor.do_split_image and args.task != "semantic":

@@ -197,6 +197,27 @@ def test_distributed_environment_and_device(monkeypatch):
         segment.distributed_env()
 
 
+def test_cuda_graphs_choice():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert not segment.use_cuda_graphs("auto", cpu) and segment.use_cuda_graphs("auto", cuda)
+    assert segment.use_cuda_graphs("on", cuda) and not segment.use_cuda_graphs("off", cuda)
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        segment.use_cuda_graphs("on", cpu)
+    with pytest.raises(ValueError, match="auto, on or off"):
+        segment.use_cuda_graphs("maybe", cuda)
+
+
+@pytest.mark.gpu
+def test_cuda_graphs_write_what_eager_forwards_write(model_dir, images, tmp_path):
+    """On CUDA, --cuda-graphs auto (the default) replays the graph of the same kernels: the same files as
+    --cuda-graphs off, byte for byte (status 1: the broken image is reported)."""
+    graphed, eager = tmp_path / "graphed", tmp_path / "eager"
+    assert cli.main(segment_args(images, model_dir, graphed, "--no-progress", "--device", "cuda")) == 1
+    assert cli.main(segment_args(images, model_dir, eager, "--no-progress", "--device", "cuda",
+                                 "--cuda-graphs", "off")) == 1
+    assert read_outputs(graphed) == read_outputs(eager) and read_outputs(graphed)
+
+
 def test_segment_argument_errors(model_dir, images, tmp_path, capsys):
     assert cli.main(["segment", str(images), "--model", str(tmp_path / "nowhere"), "--out", str(tmp_path)]) == 2
     assert "model directory not found" in capsys.readouterr().err
