@@ -11,6 +11,9 @@ takes 13.9 ms in all. This script measures it and says where it goes:
 
     python bench/profile_host.py --model eomt-l-640 --batch 1     # GPU
     python bench/profile_host.py --model tiny --device cpu        # a CPU: the plain-PyTorch path (seconds)
+    TRITON_INTERPRET=1 python bench/profile_host.py --device cpu --backend triton --stub-launches
+        # a CPU: the Triton path's own Python, every kernel launch replaced by nothing (outputs garbage):
+        # what eomt_fast adds around the launches, without Triton's launcher (which needs a GPU)
 
 Prints only (and writes its report to --out when given); timings on a CPU say nothing about a GPU.
 """
@@ -37,6 +40,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
     p.add_argument("--calls", type=int, default=10, help="forwards timed and profiled")
     p.add_argument("--top", type=int, default=35, help="rows of each table")
+    p.add_argument("--backend", default="auto", help="auto, torch or triton (the model's backend)")
+    p.add_argument("--stub-launches", action="store_true",
+                   help="under TRITON_INTERPRET=1: every Triton kernel launch does nothing (times the Python "
+                        "around the launches; the outputs are garbage)")
     p.add_argument("--out", default=None, help="also write the report to this file")
     return p.parse_args(argv)
 
@@ -59,6 +66,18 @@ def median_ms(fn, calls: int, device: torch.device, synchronised: bool) -> float
     return statistics.median(times)
 
 
+def stub_interpreted_launches() -> None:
+    """Under Triton's interpreter, make every kernel launch (``kernel[grid](...)``, through an autotuner too)
+    return at once: what is left of a forward is the Python around the launches."""
+    from eomt_fast.kernels._triton import INTERPRETING
+
+    if not INTERPRETING:
+        raise SystemExit("--stub-launches needs TRITON_INTERPRET=1 (set before the start)")
+    from triton.runtime.interpreter import InterpretedFunction
+
+    InterpretedFunction.run = lambda self, *args, **kwargs: None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import harness  # bench/harness.py, beside this file
@@ -76,12 +95,15 @@ def main(argv: list[str] | None = None) -> int:
     env = harness.environment(device)
     say(f"{env['device']} | torch {env['torch']} | triton {env['triton']} | transformers {env['transformers']} | "
         f"commit {env['commit'][:12]}{' (dirty)' if env['dirty'] else ''} | {env['timestamp']}")
+    if args.stub_launches:
+        stub_interpreted_launches()
     config = bench.preset_config(args.model)
-    hf, model = bench.build_models(config, dtype, device, seed=0, backend="auto")
+    hf, model = bench.build_models(config, dtype, device, seed=0, backend=args.backend)
     del hf
     bench.set_masking([model], False)
     x = torch.randn(args.batch, 3, config.image_size, config.image_size, device=device, dtype=dtype)
-    say(f"{args.model}, batch {args.batch}, {dtype}, {device}, backend {model.backend}, masking off")
+    say(f"{args.model}, batch {args.batch}, {dtype}, {device}, backend {model.backend}, masking off"
+        + (", Triton launches stubbed (outputs garbage)" if args.stub_launches else ""))
 
     with torch.inference_mode():
         forward = lambda: model(x)  # noqa: E731

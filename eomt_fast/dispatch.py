@@ -12,6 +12,7 @@ residual itself), so the stream is written in place and no layer concatenates or
 
 from __future__ import annotations
 
+import functools
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from . import kernels
-from .kernels._triton import HAS_TRITON, triton_interpreting
+from .kernels._triton import HAS_TRITON, eager_direct, triton_interpreting
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -133,10 +134,16 @@ def plan(backend: str, device: torch.device, dtype: torch.dtype = torch.float32,
     return paths
 
 
+@functools.cache
+def _eager_direct(op: Callable) -> Callable:
+    return eager_direct(op)  # one wrapper per op, the same object at every resolve
+
+
 def resolve(backend: str, device: torch.device, dtype: torch.dtype, config=None) -> dict[str, Callable]:
-    """op name -> the function the model calls for it."""
+    """op name -> the function the model calls for it: the reference, or the Triton op, a custom op called
+    directly in eager mode (``kernels._triton.eager_direct``; the ``out=`` forms do so inside)."""
     available = triton_ops()
     return {
-        path.op: available[path.op] if path.impl == "triton" else getattr(kernels, OPS[path.op][0])
+        path.op: _eager_direct(available[path.op]) if path.impl == "triton" else getattr(kernels, OPS[path.op][0])
         for path in plan(backend, device, dtype, config)
     }

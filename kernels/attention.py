@@ -12,7 +12,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-from ._triton import INTERPRETING, LAUNCH_OPTIONS, check_devices, gpu_arch, on_input_device, tl, triton  # Triton, or a stand-in without it
+from ._triton import INTERPRETING, LAUNCH_OPTIONS, cdiv, check_devices, eager_direct, gpu_arch, next_power_of_2, on_input_device, tl, triton  # Triton, or a stand-in without it
 
 
 def expand_query_patch_mask(query_patch_mask: torch.Tensor, seq_len: int, patch_start: int) -> torch.Tensor:
@@ -422,12 +422,12 @@ def pack_query_patch_mask(query_patch_mask: torch.Tensor, seq_len: int, patch_st
     token 32*w + j; tokens before ``patch_start`` read as allowed, the padding past ``seq_len`` as blocked.
     Q * S / 8 bytes (the kernel never builds a dense mask)."""
     batch, num_queries, _ = query_patch_mask.shape
-    n_words = triton.cdiv(seq_len, MAX_BLOCK_N) * MASK_WORD_ALIGN
+    n_words = cdiv(seq_len, MAX_BLOCK_N) * MASK_WORD_ALIGN
     bits = torch.empty((batch, num_queries, n_words), dtype=torch.int32, device=query_patch_mask.device)
     if bits.numel():
         mask = query_patch_mask.view(torch.uint8)  # free: same bytes, read as 0/1
         rows, words = 16, 16
-        grid = (triton.cdiv(n_words, words), triton.cdiv(num_queries, rows), batch)
+        grid = (cdiv(n_words, words), cdiv(num_queries, rows), batch)
         _pack_mask_kernel[grid](mask, bits, seq_len, num_queries, patch_start, n_words, *mask.stride(),
                                 ROWS=rows, WORDS=words, **LAUNCH_OPTIONS)
     return bits
@@ -473,13 +473,13 @@ def masked_attention_fwd(
             head_dim**-0.5 * math.log2(math.e))
     meta = dict(
         HEAD_DIM=head_dim,
-        BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        BLOCK_D=max(16, next_power_of_2(head_dim)),
         HAS_MASK=has_mask,
         ALIGNED=_rows_aligned(qkv, head_dim) and _rows_aligned(out, head_dim),
         DOT_PRECISION=FP32_DOT_PRECISION if qkv.dtype == torch.float32 else "tf32",  # 16-bit: not used
     )
     if block_m is None and block_n is None:
-        grid = lambda cfg: (batch * num_heads, triton.cdiv(seq_len, cfg["BLOCK_M"]))  # noqa: E731
+        grid = lambda cfg: (batch * num_heads, cdiv(seq_len, cfg["BLOCK_M"]))  # noqa: E731
         _tuned_attention_kernel(arch=gpu_arch(qkv))[grid](*args, **meta, **LAUNCH_OPTIONS)
     else:
         block_m, block_n = block_m or 64, block_n or 64
@@ -487,7 +487,7 @@ def masked_attention_fwd(
             raise ValueError(f"block_n must be a power of two from 32 to {MAX_BLOCK_N}, got {block_n}")
         if block_m < 16 or block_m & (block_m - 1):
             raise ValueError(f"block_m must be a power of two >= 16, got {block_m}")
-        _masked_attention_fwd_kernel[(batch * num_heads, triton.cdiv(seq_len, block_m))](
+        _masked_attention_fwd_kernel[(batch * num_heads, cdiv(seq_len, block_m))](
             *args, **meta, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, num_stages=2, **LAUNCH_OPTIONS)
     return out
 
@@ -505,6 +505,9 @@ def _masked_attention_op(
 def _(qkv, num_heads, query_patch_mask, patch_start):
     batch, seq_len, three_c = qkv.shape
     return qkv.new_empty((batch, seq_len, three_c // 3))
+
+
+_masked_attention_call = eager_direct(_masked_attention_op)  # the op, called directly in eager mode
 
 
 def masked_attention(
@@ -526,7 +529,7 @@ def masked_attention(
     interpreter computes them in plain fp32.
     """
     _check_inputs(qkv, num_heads, query_patch_mask, patch_start)
-    return torch.ops.eomt_fast.masked_attention(qkv, num_heads, query_patch_mask, patch_start)
+    return _masked_attention_call(qkv, num_heads, query_patch_mask, patch_start)
 
 
 TRITON_OPS = {"attention": masked_attention}

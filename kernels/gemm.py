@@ -73,7 +73,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from ._triton import INTERPRETING, LAUNCH_OPTIONS, check_devices, gpu_arch, on_input_device, tl, triton  # Triton, or a stand-in without it
+from ._triton import INTERPRETING, LAUNCH_OPTIONS, cdiv, check_devices, eager_direct, gpu_arch, next_power_of_2, on_input_device, tl, triton  # Triton, or a stand-in without it
 
 
 ACTIVATIONS = {"none": 0, "gelu": 1, "silu": 2, "relu": 3}
@@ -110,6 +110,10 @@ REDUCE_BLOCK = 64  # tile of the split-K reduce kernel
 # (255 registers and 48-56 B of stack on sm_80/sm_90; 3.9 needs 160); it is memory bound either way
 REDUCE_WARPS = 8
 
+def _accumulators_per_thread(c: GemmConfig) -> int:
+    return c.block_m * c.block_n // (32 * c.num_warps)
+
+
 # The autotune lists: GemmConfig(BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, warps, stages, epilogue subtiles).
 # Every entry compiles for sm_80 and sm_90 (wgmma there) without spills at the flags it is listed for
 # (``aot_specs()``, ``eomt-fast check-kernels``). Tiles with 128 fp32 accumulators a thread run their
@@ -119,15 +123,20 @@ GPU_CONFIGS = (
     GemmConfig(128, 256, 64, 8, 8, 3, 2),
     GemmConfig(256, 128, 64, 8, 8, 3, 2),
     GemmConfig(128, 128, 64, 8, 8, 4, 2),
+    # inductor's max-autotune pick for three of the four MLP GEMMs of EoMT-L/640 at batch 1 on an H200
+    # (fc1 and fc2 at 1805 rows, fc1 at 1605; bench/results/2026-12-04_nvidia-h200_first-look.log), where
+    # this list's best lost to cuBLAS: added untimed here (no GPU since), for the autotuner to weigh
+    GemmConfig(128, 128, 64, 8, 4, 3, 2),
     GemmConfig(128, 64, 64, 8, 4, 4, 1),
     GemmConfig(64, 128, 64, 8, 4, 4, 2),
     GemmConfig(64, 64, 64, 8, 4, 4, 1),
 )
-# The LayerNorm prologue holds mean, rstd, gamma and beta too: BLOCK_K 32 for the largest tiles.
+# The LayerNorm prologue holds mean, rstd, gamma and beta too: BLOCK_K 32 for the largest tiles, and no
+# 128 x 128 tile on 4 warps (it spills 40-56 B there, under Triton 3.9 as well).
 GPU_LN_PROLOGUE_CONFIGS = (
     GemmConfig(128, 256, 32, 8, 8, 4, 2),
     GemmConfig(256, 128, 32, 8, 8, 4, 2),
-    *GPU_CONFIGS[2:],
+    *(c for c in GPU_CONFIGS[2:] if _accumulators_per_thread(c) <= 64 or c.num_warps == 8),
 )
 # GLU holds two accumulators: a 128 x 64 GLU tile does the MMA work of a 128 x 128 plain tile per A
 # tile loaded. (128 x 128 GLU tiles compile without spills for sm_90 but spill on sm_80.)
@@ -158,10 +167,6 @@ GPU_FP32_GLU_CONFIGS = (
 )
 
 
-def _accumulators_per_thread(c: GemmConfig) -> int:
-    return c.block_m * c.block_n // (32 * c.num_warps)
-
-
 def gemm_configs(glu: bool = False, ln_prologue: bool = False, fp32: bool = False,
                  view_4d: bool = False) -> list[GemmConfig]:
     """The tile configurations the autotuner tries for these flags (exactly one under the interpreter)."""
@@ -178,12 +183,15 @@ def gemm_configs(glu: bool = False, ln_prologue: bool = False, fp32: bool = Fals
     return configs
 
 
-# The tile chosen for each in-place call shape (see the module docstring), keyed on everything the
-# autotuner's key holds (flags, sizes, dtypes) and the device (a tile that fits one GPU's shared memory may
-# not fit another's). Filled on the first call of a shape (before any CUDA-graph capture, whose warm-up
-# runs it), read by every later one; the lock keeps two threads from reading each other's best_config.
-_IN_PLACE_TILES: dict[tuple, triton.Config | None] = {}
-_IN_PLACE_LOCK = threading.Lock()
+# The tile chosen for each call shape, keyed on what the autotuner's key holds (flags, sizes, dtypes) and the
+# GPU architecture (a tile that fits one GPU's shared memory may not fit another's); None where this Triton's
+# autotuner does not report its choice. Filled on the first call of a shape (before any CUDA-graph capture,
+# whose warm-up runs it), read by every later one, which then launches the kernel directly: Triton's
+# Autotuner.run builds its key from every argument on every call (str() of each tensor's dtype), host time
+# that an eager forward, launch-bound on an H200, pays ~80 times. The lock keeps two threads from reading
+# each other's best_config.
+_TILES: dict[tuple, triton.Config | None] = {}
+_TILES_LOCK = threading.Lock()
 
 
 def _scratch_like(out: torch.Tensor) -> torch.Tensor:
@@ -197,21 +205,25 @@ def _scratch_like(out: torch.Tensor) -> torch.Tensor:
 
 
 @on_input_device
-def _in_place_tile(out: torch.Tensor, tuned, key: tuple, grid: Callable, args: tuple, meta: dict):
-    """The tile for an in-place call: ``tuned`` benchmarks its configs on a scratch output of ``out``'s
-    shape and strides (``args`` with Out replaced; the residual still reads ``out``), once per ``key``.
-    None when this Triton's autotuner does not say which config won."""
-    if key not in _IN_PLACE_TILES:
-        with _IN_PLACE_LOCK:
-            if key in _IN_PLACE_TILES:  # another thread tuned it while this one waited
-                return _IN_PLACE_TILES[key]
-            if len(tuned.configs) == 1:  # nothing to benchmark (the interpreter)
-                tile = tuned.configs[0]
-            else:
-                tuned[grid](*args[:2], _scratch_like(out), *args[3:], **meta, **LAUNCH_OPTIONS)
-                tile = getattr(tuned, "best_config", None)  # None (remembered too): the restoring autotuner
-            _IN_PLACE_TILES[key] = tile
-    return _IN_PLACE_TILES[key]
+def _tune(out: torch.Tensor, tuned, key: tuple, grid: Callable, args: tuple, meta: dict, in_place: bool):
+    """(the tile of ``key``, whether this call already launched the kernel). The first call of a key runs
+    ``tuned``, which benchmarks its configs: on ``out`` itself, where that call's result is then there, or
+    for an ``in_place`` call on a scratch output of out's shape and strides (``args`` with Out replaced; the
+    residual still reads out), so that out is written once, by the chosen tile."""
+    with _TILES_LOCK:
+        if key in _TILES:  # another thread tuned it while this one waited
+            return _TILES[key], False
+        launched = False
+        if len(tuned.configs) == 1:  # nothing to benchmark (the interpreter)
+            tile = tuned.configs[0]
+        elif in_place:
+            tuned[grid](*args[:2], _scratch_like(out), *args[3:], **meta, **LAUNCH_OPTIONS)
+            tile = getattr(tuned, "best_config", None)  # None (remembered too): the restoring autotuner
+        else:
+            tuned[grid](*args, **meta, **LAUNCH_OPTIONS)
+            tile, launched = getattr(tuned, "best_config", None), True
+        _TILES[key] = tile
+    return tile, launched
 
 
 @functools.lru_cache(maxsize=None)
@@ -535,14 +547,14 @@ def _layernorm_launch(x: torch.Tensor, y, mean, rstd, ln_weight, ln_bias, eps: f
     c = x.shape[-1]
     m = x.shape[0] * x.shape[1] if x.dim() == 3 else x.shape[0]
     rows_inner, stride_b = (x.shape[1], x.stride(0)) if x.dim() == 3 else (m, 0)
-    block_c = triton.next_power_of_2(c)
+    block_c = next_power_of_2(c)
     if block_c > MAX_LAYERNORM_WIDTH:
         raise ValueError(f"the LayerNorm row kernel holds a row in registers: at most {MAX_LAYERNORM_WIDTH} "
                          f"columns, got {c}")
     rows = 16 if INTERPRETING else max(1, min(16, 4096 // block_c))
     num_warps = 4 if block_c <= 1024 else 8
     dummy = x  # stands for the pointers a flag leaves unused
-    _layernorm_rows_kernel[(triton.cdiv(m, rows),)](
+    _layernorm_rows_kernel[(cdiv(m, rows),)](
         x, y if y is not None else dummy, mean if mean is not None else dummy, rstd if rstd is not None else dummy,
         ln_weight if ln_weight is not None else dummy, ln_bias if ln_bias is not None else dummy,
         m, c, rows_inner, stride_b, x.stride(-2), y.stride(0) if y is not None else 0, eps,
@@ -769,25 +781,30 @@ def gemm(
     )
     mainloop = dict(LN_PROLOGUE=mean is not None, A_SPLIT_ROWS=a.dim() == 3, ALIGNED=aligned,
                     DOT_PRECISION=FP32_DOT_PRECISION if a.dtype == torch.float32 else "tf32")  # 16-bit: ignored
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), split_k)  # noqa: E731
+    grid = lambda meta: (cdiv(m, meta["BLOCK_M"]) * cdiv(n, meta["BLOCK_N"]), split_k)  # noqa: E731
     if config is not None:
         _gemm_kernel[grid(config.meta())](*args, **epilogue, **mainloop, **config.meta(),
                                           num_warps=config.num_warps, num_stages=config.num_stages, **LAUNCH_OPTIONS)
     else:
         flags = (glu, mean is not None, a.dtype == torch.float32, view_4d)
         arch = gpu_arch(out)
-        tuned, meta, tile = _tuned_kernel(*flags, arch=arch), {**epilogue, **mainloop}, None
-        if in_place and split_k == 1:  # (with split-K the GEMM writes the workspace, not out)
-            key = (*flags, m, n, k, a.dtype, weight.dtype, out.dtype, out.device, tuple(sorted(meta.items())))
-            tile = _in_place_tile(out, tuned, key, grid, args, meta)
-            if tile is None:  # restore out after each benchmark run instead
-                tuned = _tuned_kernel(*flags, restore_out=True, arch=arch)
-        if tile is not None:
-            _gemm_kernel[grid(tile.kwargs)](*args, **meta, **tile.all_kwargs(), **LAUNCH_OPTIONS)
+        meta = {**epilogue, **mainloop}
+        in_place = in_place and split_k == 1  # (with split-K the GEMM writes the workspace, not out)
+        key = (*flags, arch, in_place, m, n, k, a.dtype, weight.dtype, out.dtype, bias_.dtype, scale_.dtype,
+               residual_.dtype, *meta.values())  # meta's entries in the order written above
+        launched = False
+        if key in _TILES:
+            tile = _TILES[key]
         else:
-            tuned[grid](*args, **meta, **LAUNCH_OPTIONS)
+            tile, launched = _tune(out, _tuned_kernel(*flags, arch=arch), key, grid, args, meta, in_place)
+        if launched:
+            pass
+        elif tile is not None:
+            _gemm_kernel[grid(tile.kwargs)](*args, **meta, **tile.all_kwargs(), **LAUNCH_OPTIONS)
+        else:  # a Triton that does not say which tile won: its autotuner, restoring out after each trial
+            _tuned_kernel(*flags, restore_out=in_place, arch=arch)[grid](*args, **meta, **LAUNCH_OPTIONS)
     if split_k > 1:
-        _splitk_reduce_kernel[(triton.cdiv(m, REDUCE_BLOCK), triton.cdiv(n, REDUCE_BLOCK))](
+        _splitk_reduce_kernel[(cdiv(m, REDUCE_BLOCK), cdiv(n, REDUCE_BLOCK))](
             workspace[0], workspace[-1], out, bias_, scale_, residual_, m, n, *out_geom, *res_strides, n,
             **epilogue, BLOCK_M=REDUCE_BLOCK, BLOCK_N=REDUCE_BLOCK, num_warps=REDUCE_WARPS, **LAUNCH_OPTIONS)
     return out
@@ -799,7 +816,7 @@ def with_out(functional: Callable, into: Callable, reference: Callable) -> Calla
     declared to mutate ``out``) and returns ``out``. It carries ``reference``'s signature (dispatch gives
     the model either this or the reference): arguments may be given by name, and the ones left out get the
     reference's defaults, so that ``into`` always receives every argument before ``out``. A plain Python
-    function: torch.compile traces through it."""
+    function: torch.compile traces through it to the ops; in eager mode they are called directly (``eager_direct``)."""
     params = [p for p in inspect.signature(reference).parameters.values() if p.kind is p.POSITIONAL_OR_KEYWORD]
     names = tuple(p.name for p in params)
     defaults = tuple(None if p.default is p.empty else p.default for p in params)
@@ -820,11 +837,13 @@ def with_out(functional: Callable, into: Callable, reference: Callable) -> Calla
             raise TypeError(f"{op.__name__}() got unexpected arguments {sorted(kwargs)}")
         return (*args, *rest)
 
+    call_functional, call_into = eager_direct(functional), eager_direct(into, mutated="out")
+
     def op(*args, out: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
         args = complete(args, kwargs)
         if out is None:
-            return functional(*args)
-        into(*args, out)
+            return call_functional(*args)
+        call_into(*args, out)
         return out
 
     def qualname(f: Callable) -> str:  # a torch.library custom op's "namespace::name"
@@ -902,7 +921,7 @@ def layernorm_aot_spec(name: str, dtype: torch.dtype, hidden: int, *, write_y: b
     from eomt_fast.aot import KernelSpec
 
     t = _TRITON_DTYPE[dtype]
-    block_c = triton.next_power_of_2(hidden)
+    block_c = next_power_of_2(hidden)
     signature = {"X": f"*{t}", "Y": f"*{t}", "Mean": "*fp32", "Rstd": "*fp32", "LnW": f"*{t}", "LnB": f"*{t}",
                  "M": "i32", "C": "i32", "x_rows_inner": "i32", "stride_xb": "i32", "stride_xm": "i32",
                  "stride_ym": "i32", "eps": "fp32", "WRITE_Y": "constexpr", "WRITE_STATS": "constexpr",

@@ -61,7 +61,7 @@ def grid_attention_mask_ref(
 import functools  # noqa: E402
 
 from . import gemm as _gemm  # noqa: E402
-from ._triton import INTERPRETING, LAUNCH_OPTIONS, check_devices, gpu_arch, on_input_device, tl, triton  # noqa: E402  (Triton, or a stand-in)
+from ._triton import INTERPRETING, LAUNCH_OPTIONS, cdiv, check_devices, gpu_arch, on_input_device, tl, triton  # noqa: E402  (Triton, or a stand-in)
 from .gemm import grouped_tile  # noqa: E402
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -255,7 +255,7 @@ def grid_attention_mask_forward(mask_embeddings: torch.Tensor, pixel_embeddings:
     meta = dict(TAPS_H=rows[2], TAPS_W=cols[2], ALIGNED=aligned,
                 DOT_PRECISION=_gemm.FP32_DOT_PRECISION if fp32 else "tf32")  # 16-bit: unused
     grid = lambda cfg: (  # noqa: E731
-        triton.cdiv(num_patches, cfg["BLOCK_M"]) * triton.cdiv(num_queries, cfg["BLOCK_N"]), batch)
+        cdiv(num_patches, cfg["BLOCK_M"]) * cdiv(num_queries, cfg["BLOCK_N"]), batch)
     if config is not None:
         _grid_mask_kernel[grid(config.meta())](*args, **meta, **config.meta(), num_warps=config.num_warps,
                                                num_stages=config.num_stages, **LAUNCH_OPTIONS)

@@ -50,7 +50,7 @@ def patch_embed_ref(
 import functools  # noqa: E402
 
 from . import gemm as _gemm  # noqa: E402
-from ._triton import INTERPRETING, LAUNCH_OPTIONS, check_devices, gpu_arch, on_input_device, tl, triton  # noqa: E402  (Triton, or a stand-in)
+from ._triton import INTERPRETING, LAUNCH_OPTIONS, cdiv, check_devices, gpu_arch, on_input_device, tl, triton  # noqa: E402  (Triton, or a stand-in)
 from .gemm import grouped_tile, split_columns  # noqa: E402
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -222,7 +222,7 @@ def patch_embed_forward(
             *pixel_values.stride(), *weight.stride(), *pos.stride(), *out.stride())
     meta = dict(PATCH=patch_size, ALIGNED=aligned, OUT_ALIGNED=out_aligned,
                 DOT_PRECISION=_gemm.FP32_DOT_PRECISION if dtype == torch.float32 else "tf32")  # 16-bit: unused
-    grid = lambda cfg: (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(hidden, cfg["BLOCK_N"]),)  # noqa: E731
+    grid = lambda cfg: (cdiv(m, cfg["BLOCK_M"]) * cdiv(hidden, cfg["BLOCK_N"]),)  # noqa: E731
     if config is not None:
         _patch_embed_kernel[grid(config.meta())](*args, **meta, **config.meta(), num_warps=config.num_warps,
                                                  num_stages=config.num_stages, **LAUNCH_OPTIONS)

@@ -20,7 +20,7 @@ import math
 
 import torch
 
-from ._triton import INTERPRETING, LAUNCH_OPTIONS, check_devices, on_input_device, tl, triton
+from ._triton import INTERPRETING, LAUNCH_OPTIONS, cdiv, check_devices, next_power_of_2, on_input_device, tl, triton
 from .gemm import with_out
 
 
@@ -145,9 +145,9 @@ def rope_forward(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_he
     if num_patches == 0 or out.numel() == 0:
         return out
     half = head_dim // 2
-    grid = (triton.cdiv(num_patches, ROPE_BLOCK_T), 2 * num_heads, out.shape[0])
+    grid = (cdiv(num_patches, ROPE_BLOCK_T), 2 * num_heads, out.shape[0])
     _rope_kernel[grid](out, cos, sin, out.shape[1], num_patches, *out.stride(), *cos.stride(), *sin.stride(),
-                       HALF=half, BLOCK_T=ROPE_BLOCK_T, BLOCK_HALF=max(16, triton.next_power_of_2(half)),
+                       HALF=half, BLOCK_T=ROPE_BLOCK_T, BLOCK_HALF=max(16, next_power_of_2(half)),
                        num_warps=4, **LAUNCH_OPTIONS)
     return out
 

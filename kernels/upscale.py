@@ -65,7 +65,7 @@ def upscale_block_ref(
 import functools  # noqa: E402
 
 from . import gemm as _gemm  # noqa: E402
-from ._triton import INTERPRETING, LAUNCH_OPTIONS, check_devices, gpu_arch, on_input_device, tl, triton  # noqa: E402  (Triton, or a stand-in)
+from ._triton import INTERPRETING, LAUNCH_OPTIONS, cdiv, check_devices, gpu_arch, next_power_of_2, on_input_device, tl, triton  # noqa: E402  (Triton, or a stand-in)
 from .gemm import apply_activation, grouped_tile, split_columns  # noqa: E402
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -274,7 +274,7 @@ DWCONV_GPU_CONFIGS = ((1, 4), (2, 4), (4, 4), (1, 8), (2, 8), (4, 8), (8, 8))
 
 def dwconv_configs(channels: int) -> list[tuple[int, int]]:
     """(BLOCK_P, num_warps) pairs for this many channels (exactly one under the interpreter)."""
-    block_c = triton.next_power_of_2(channels)
+    block_c = next_power_of_2(channels)
     if INTERPRETING:
         return [(max(1, min(DWCONV_SEGMENT, 4096 // block_c)), 4)]
     fits = [(p, w) for p, w in DWCONV_GPU_CONFIGS
@@ -316,7 +316,7 @@ def convt_activation(x: torch.Tensor, convt_weight: torch.Tensor, convt_bias: to
     args = (x, weight, bias, out, m, n, k, c_out, height, width, *x.stride(), *weight.stride(), *out.stride())
     meta = dict(ACTIVATION=_gemm.ACTIVATIONS[check_activation(activation)], ALIGNED=aligned, OUT_ALIGNED=out_aligned,
                 DOT_PRECISION=_gemm.FP32_DOT_PRECISION if x.dtype == torch.float32 else "tf32")  # 16-bit: unused
-    grid = lambda cfg: (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)  # noqa: E731
+    grid = lambda cfg: (cdiv(m, cfg["BLOCK_M"]) * cdiv(n, cfg["BLOCK_N"]),)  # noqa: E731
     if config is not None:
         _convt_act_kernel[grid(config.meta())](*args, **meta, **config.meta(), num_warps=config.num_warps,
                                                 num_stages=config.num_stages, **LAUNCH_OPTIONS)
@@ -338,11 +338,11 @@ def dwconv_layernorm(y: torch.Tensor, dw_weight: torch.Tensor, ln_weight: torch.
     ln_bias = ln_bias if ln_bias.stride(0) == 1 else ln_bias.contiguous()
     aligned = (channels % 16 == 0 and y.stride(3) == 1 and out.stride(3) == 1
                and _aligned16(y, y.stride()[:3]) and _aligned16(out, out.stride()[:3]))
-    grid = (batch * height, triton.cdiv(width, DWCONV_SEGMENT))
+    grid = (batch * height, cdiv(width, DWCONV_SEGMENT))
     _tuned_dwconv_kernel(arch=gpu_arch(y))[grid](
         y, dw_weight, ln_weight, ln_bias, out, batch, height, width, channels, eps,
         *y.stride(), dw_weight.stride(0), dw_weight.stride(2), dw_weight.stride(3), *out.stride(),
-        ALIGNED=aligned, BLOCK_C=triton.next_power_of_2(channels), SEGMENT=DWCONV_SEGMENT, **LAUNCH_OPTIONS)
+        ALIGNED=aligned, BLOCK_C=next_power_of_2(channels), SEGMENT=DWCONV_SEGMENT, **LAUNCH_OPTIONS)
     return out
 
 
@@ -378,7 +378,7 @@ def upscale_block_forward(
     dtype = x.dtype
     if dtype not in _DTYPES or any(t.dtype != dtype for t in (convt_weight, convt_bias, dw_weight, ln_weight, ln_bias)):
         raise TypeError(f"x and the block's weights must share one of fp16/bf16/fp32, got x {dtype}")
-    if triton.next_power_of_2(c_out) > MAX_CHANNELS:
+    if next_power_of_2(c_out) > MAX_CHANNELS:
         raise ValueError(f"at most {MAX_CHANNELS} channels (held in registers), got {c_out}")
     if x.device.type != "cuda" and not INTERPRETING:
         raise RuntimeError(f"upscale runs on CUDA (or in Triton's interpreter), x is on {x.device}")
@@ -450,7 +450,7 @@ def dwconv_aot_spec(dtype: torch.dtype, channels: int, block_p: int, num_warps: 
     ints = ["B", "H", "W", "C", "stride_yb", "stride_yh", "stride_yw", "stride_wc", "stride_wh",
             "stride_ob", "stride_oh", "stride_ow"]
     constexprs = {"stride_yc": 1, "stride_ww": 1, "stride_oc": 1, "ALIGNED": True, "BLOCK_P": block_p,
-                  "BLOCK_C": triton.next_power_of_2(channels), "SEGMENT": DWCONV_SEGMENT}
+                  "BLOCK_C": next_power_of_2(channels), "SEGMENT": DWCONV_SEGMENT}
     signature = {"Y": f"*{t}", "Wd": f"*{t}", "LnW": f"*{t}", "LnB": f"*{t}", "Out": f"*{t}", "eps": "fp32",
                  **{n: "i32" for n in ints}, **{n: "constexpr" for n in constexprs}}
     return KernelSpec(name=f"upscale_dwconv_layernorm_{t}_C{channels}_p{block_p}w{num_warps}",

@@ -297,7 +297,7 @@ def test_in_place_calls_are_tuned_on_a_scratch_output(monkeypatch, report):
         return tuner if not restore_out else real(*flags, restore_out=True, arch=arch)
 
     monkeypatch.setattr(G, "_tuned_kernel", tuned_kernel)
-    monkeypatch.setattr(G, "_IN_PLACE_TILES", {})
+    monkeypatch.setattr(G, "_TILES", {})
     tokens, body, rnd = token_layer_case(torch.float32)
     a, w, bias, scale = rnd(3 * 37, 64), rnd(48, 64, std=64**-0.5), rnd(48, std=0.1), rnd(48, std=0.5)
     residual = body.clone()
@@ -310,9 +310,28 @@ def test_in_place_calls_are_tuned_on_a_scratch_output(monkeypatch, report):
     assert launch[2] is not body and launch[2].shape == body.shape and launch[2].stride() == body.stride()
     assert launch[2].data_ptr() % 16 == body.data_ptr() % 16  # the same alignment: the same compiled variant
     assert launch[5] is body  # the residual: read from out
-    assert asked == ([False, False] if report else [False, True, False, True])
-    assert list(G._IN_PLACE_TILES.values()) == [interpreter_tile if report else None]
+    # the second call launches the chosen tile directly; without a report, the restoring autotuner every time
+    assert asked == ([False] if report else [False, True, True])
+    assert list(G._TILES.values()) == [interpreter_tile if report else None]
     assert not torch.equal(body, residual) and torch.isnan(tokens[:, :5]).all()
+
+
+def test_functional_calls_are_tuned_once_then_launched_directly(monkeypatch):
+    """A call that does not write its residual: the first call of a shape is the autotuner's (its result is the
+    call's), every later one launches the chosen tile without the autotuner; another shape tunes again."""
+    interpreter_tile = G.triton.Config(G.INTERPRETER_CONFIG.meta(), num_warps=4, num_stages=1)
+    tuner = FakeTuner(interpreter_tile)
+    monkeypatch.setattr(G, "_tuned_kernel", lambda *flags, restore_out=False, arch=None: tuner)
+    monkeypatch.setattr(G, "_TILES", {})
+    gen = torch.Generator().manual_seed(11)
+    for rows, calls in ((37, 3), (70, 2)):
+        for _ in range(calls):
+            a, w = torch.randn(rows, 64, generator=gen), torch.randn(48, 64, generator=gen) * 64**-0.5
+            bias = torch.randn(48, generator=gen)
+            out = torch.full((rows, 48), float("nan"))
+            G.gemm(a, w, bias, activation="gelu", out=out)
+            torch.testing.assert_close(out, gemm_ref(a, w, bias, activation="gelu"), rtol=1e-5, atol=1e-5)
+    assert len(tuner.launches) == 2 and len(G._TILES) == 2  # one tuning launch per shape
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
