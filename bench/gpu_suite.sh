@@ -15,8 +15,8 @@
 #                  slowest 25 listed), then eomt-fast bench on EoMT-L/640, bf16, masking off, batch 1 and 8:
 #                  eomt_fast, eomt_fast with CUDA graphs and transformers-sdpa, each timed by do_bench (25
 #                  calls or more, at most 5 s; --budget counts on CPUs only), in what is left; then, while at
-#                  least 60 s are left, cut where the time ends: mlp and linear without torch.compile (seconds
-#                  a shape), then mlp with it (max-autotune compiles for minutes)
+#                  least 60 s are left, cut where the time ends: profile (about a minute), mlp and linear without
+#                  torch.compile (seconds a shape), then mlp with it (max-autotune compiles for minutes)
 #   tests          pytest -m gpu (the GPU tests) except tests/test_model_gpu.py, log only (8 processes, each
 #                  test cut at 240 s, where pytest-xdist and pytest-timeout are installed: see GPU_TESTS)
 #   model-tests    pytest -m gpu tests/test_model_gpu.py: ViT-S/B/L models end to end against transformers,
@@ -28,6 +28,8 @@
 #                  eomt_fast, eomt_fast with CUDA graphs, transformers eager / sdpa / torch.compile (default
 #                  mode); every row with its peak CUDA memory (MiB)
 #   model-b8       the same at batch 8 (with model-b1: ViT-L/640 at batch 1 and 8, time and peak memory)
+#   profile        bench/profile_host.py: where the host time of an eager EoMT-L/640 forward (bf16, batch 1)
+#                  goes (cProfile, torch.profiler, against its CUDA-graph replay), into <date>_<device>_profile_host.txt
 #   autotune-b1    transformers under torch.compile(mode="max-autotune"), EoMT-L/640, batch 1 (compiling
 #                  takes minutes)
 #   autotune-b8    the same at batch 8
@@ -76,7 +78,7 @@ export PYTHONUNBUFFERED=1  # a command cut by timeout keeps the end of its log
 KERNEL_FILTER=${KERNEL_FILTER-eomt-l-640}
 STEPS=("$@")
 [ ${#STEPS[@]} -eq 0 ] && STEPS=(all)
-ALL=(tests model-tests check-kernels model-b1 model-b8 autotune-b1 autotune-b8 e2e attention mlp linear masks predict)
+ALL=(tests model-tests check-kernels model-b1 model-b8 profile autotune-b1 autotune-b8 e2e attention mlp linear masks predict)
 STEP_NAMES=(first-look "${ALL[@]}" all)  # `all` runs ALL, which leaves first-look out
 read -r -a MODELS <<< "${MODELS:-eomt-l-640 eomt-s-640 eomt-b-640}"
 read -r -a E2E_MODELS <<< "${E2E_MODELS:-eomt-l-640 eomt-s-640}"
@@ -182,6 +184,8 @@ run_step() {
                              --impls eomt_fast eomt_fast-cuda-graphs transformers-sdpa
                          second=$?
                          sync_out
+                         with_what_is_left "$PY" bench/profile_host.py --model eomt-l-640 --batch 1 \
+                             --out "bench/results/$("$PY" bench/harness.py slug)_profile_host.txt"
                          with_what_is_left "$PY" bench/bench_layernorm_mlp.py "${KERNEL_ARGS[@]}" --no-compile
                          with_what_is_left "$PY" bench/bench_linear.py "${KERNEL_ARGS[@]}" --no-compile
                          with_what_is_left "$PY" bench/bench_layernorm_mlp.py "${KERNEL_ARGS[@]}"
@@ -191,6 +195,8 @@ run_step() {
             check-kernels) timeout "$STEP_TIMEOUT" "$PY" "${CLI[@]}" check-kernels ;;
             model-b1)    per_model MODELS "${MODEL[@]}" --batch 1 "${COMPILE_DEFAULT[@]}" ;;
             model-b8)    per_model MODELS "${MODEL[@]}" --batch 8 "${COMPILE_DEFAULT[@]}" ;;
+            profile)     timeout "$STEP_TIMEOUT" "$PY" bench/profile_host.py --model eomt-l-640 --batch 1 \
+                             --out "bench/results/$("$PY" bench/harness.py slug)_profile_host.txt" ;;
             autotune-b1) timeout "$STEP_TIMEOUT" "$PY" "${MODEL[@]}" --model eomt-l-640 --batch 1 \
                              --impls transformers-compile-max-autotune ;;
             autotune-b8) timeout "$STEP_TIMEOUT" "$PY" "${MODEL[@]}" --model eomt-l-640 --batch 8 \

@@ -504,19 +504,21 @@ def test_gpu_suite_refuses_an_unknown_step_before_running_anything(tmp_path):
 
 def test_gpu_suite_first_look_fills_what_is_left_with_kernel_benchmarks(tmp_path):
     """first-look: the GPU tests, the EoMT-L/640 model benchmark, then while at least 60 s of the step are left
-    the MLP and linear kernel benchmarks without torch.compile and the MLP one with it."""
+    the host profile of an eager forward, the MLP and linear kernel benchmarks without torch.compile and the
+    MLP one with it."""
     out = tmp_path / "out"
     rc, err, calls = run_gpu_suite(tmp_path, "first-look", out=out)
     assert rc == 0, err
     assert [p.name for p in (out / "bench" / "results").iterdir()] == ["fake-device_first-look.log"]
     runs = [c for c in calls if not c.startswith(("-c ", "bench/harness.py"))]
     assert [c.split(" --")[0] for c in runs] == [
-        "-P -m pytest -m gpu -q -rfEs -n 8", "-P -m eomt_fast.cli bench", "bench/bench_layernorm_mlp.py",
-        "bench/bench_linear.py", "bench/bench_layernorm_mlp.py"]
-    assert runs[2].endswith("--filter eomt-l-640 --no-compile") and runs[4].endswith("--filter eomt-l-640")
+        "-P -m pytest -m gpu -q -rfEs -n 8", "-P -m eomt_fast.cli bench", "bench/profile_host.py",
+        "bench/bench_layernorm_mlp.py", "bench/bench_linear.py", "bench/bench_layernorm_mlp.py"]
+    assert runs[2].endswith("--out bench/results/fake-device_profile_host.txt")
+    assert runs[3].endswith("--filter eomt-l-640 --no-compile") and runs[5].endswith("--filter eomt-l-640")
     rc, err, calls = run_gpu_suite(tmp_path, "first-look", first_look_timeout=50)  # under 60 s left: no extras
     assert rc == 0, err
-    assert not any(c.startswith("bench/bench_") for c in calls)
+    assert not any(c.startswith(("bench/bench_", "bench/profile_host")) for c in calls)
 
 
 def test_gpu_suite_first_look_copies_to_out_after_each_command_and_counts_from_the_start(tmp_path):
@@ -535,7 +537,7 @@ def test_gpu_suite_first_look_copies_to_out_after_each_command_and_counts_from_t
         while words[0].startswith("-"):
             words = words[2:]
         durations.append(int(words[0]))
-    assert len(durations) == 5 and 45 <= durations[0] <= 50  # the tests: half, from the start
+    assert len(durations) == 6 and 45 <= durations[0] <= 50  # the tests: half, from the start
     assert all(90 <= d <= 100 for d in durations[1:]), durations  # the rest: what is left of 100 s
 
 
