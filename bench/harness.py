@@ -936,6 +936,15 @@ def _is_bool(out: Any) -> bool:
 MUST_RUN = ("eager", "triton", "eomt_fast")  # implementations whose failure fails the run (baselines may not apply)
 
 
+def _new_gemm_tiles(printed: set[str]) -> list[str]:
+    """The GEMM tiles tuned since the last call (``kernels.gemm.tuned_tiles``), added to ``printed``."""
+    from eomt_fast.kernels import gemm
+
+    new = [line for line in gemm.tuned_tiles() if line not in printed]
+    printed.update(new)
+    return new
+
+
 def run_kernel_benchmark(cases: list[KernelCase], args: argparse.Namespace) -> int:
     """For every case: the op's reference in eager mode, under torch.compile, the extra implementations,
     and its Triton implementation when ``eomt_fast.dispatch.triton_ops()`` has one and CUDA is present.
@@ -957,6 +966,7 @@ def run_kernel_benchmark(cases: list[KernelCase], args: argparse.Namespace) -> i
           f"matmul {ceilings['matmul_tflops']:.3g} TFLOP/s, copy {ceilings['copy_tbps'] * 1e3:.3g} GB/s")
     triton = dispatch.triton_ops() if device.type == "cuda" else {}
     rows, skipped, failed, path = [], [], False, None
+    printed_tiles: set[str] = set()
     ref_dtype = reference_dtype(dtype)
     notes = ["kernel rows: FLOP counts 2 per multiply-add of the op's GEMMs; bytes are the minimum traffic "
              "(inputs read once, output written once)"]
@@ -1055,6 +1065,8 @@ def run_kernel_benchmark(cases: list[KernelCase], args: argparse.Namespace) -> i
             vs = "" if eager_ms is None or name == "eager" else f"{eager_ms / timing.median_ms:.2f}x"
             timed = f"{timing.median_ms:.4g} [{timing.p20_ms:.4g}-{timing.p80_ms:.4g}]"
             print(f"  {name:<32} {timed:<28} {row['tflops']:>9.3g} {row['gbps']:>9.3g} {vs:>9} {err:>9.2g}")
+        for line in _new_gemm_tiles(printed_tiles):  # which GEMM tile (pointer or TMA loads) the autotuner chose
+            print(f"  {line}")
         if not args.no_write and (rows or skipped):  # after every case: a run cut short keeps what it timed
             path = write_results(rows, env, ceilings, args.results_dir, skipped=skipped, notes=notes)
     if path is not None:

@@ -34,6 +34,8 @@ class KernelSpec:
     num_warps: int = 4
     num_stages: int = 3
     needs_wgmma: bool = False  # on sm_90: the kernel's tl.dot must lower to wgmma
+    needs_tma: bool = False  # on sm_90: its tensor-descriptor loads must lower to TMA copies
+    min_arch: int = 0  # compiled for this architecture and later only (TMA tiles: the launcher uses them from sm_90)
 
 
 @dataclass(frozen=True)
@@ -45,10 +47,13 @@ class CompileReport:
     shared: int
     wgmma: bool
     needs_wgmma: bool
+    tma: bool = False
+    needs_tma: bool = False
 
     @property
     def ok(self) -> bool:
-        return self.stack == 0 and (self.arch < 90 or not self.needs_wgmma or self.wgmma)
+        return self.stack == 0 and (self.arch < 90 or ((not self.needs_wgmma or self.wgmma)
+                                                       and (not self.needs_tma or self.tma)))
 
     def line(self) -> str:
         verdict = "ok" if self.ok else "FAIL"
@@ -57,8 +62,11 @@ class CompileReport:
             problems.append(f"spills ({self.stack} B stack)")
         if self.arch >= 90 and self.needs_wgmma and not self.wgmma:
             problems.append("no wgmma")
+        if self.arch >= 90 and self.needs_tma and not self.tma:
+            problems.append("no TMA")
         return (f"{self.name:<44} sm_{self.arch}  regs {self.registers:>3}  stack {self.stack:>4}  "
-                f"smem {self.shared:>6}  wgmma {'yes' if self.wgmma else 'no ':<3}  {verdict}"
+                f"smem {self.shared:>6}  wgmma {'yes' if self.wgmma else 'no ':<3}  tma {'yes' if self.tma else 'no ':<3}  "
+                f"{verdict}"
                 + (f" ({', '.join(problems)})" if problems else ""))
 
 
@@ -94,6 +102,8 @@ def compile_spec(spec: KernelSpec, arch: int) -> CompileReport:
         shared=int(compiled.metadata.shared),
         wgmma="wgmma.mma_async" in compiled.asm["ptx"],
         needs_wgmma=spec.needs_wgmma,
+        tma="cp.async.bulk.tensor" in compiled.asm["ptx"],
+        needs_tma=spec.needs_tma,
     )
 
 
@@ -107,4 +117,4 @@ def all_specs() -> list[KernelSpec]:
 
 def check_kernels(archs: tuple[int, ...] = ARCHS, name_filter: str | None = None) -> list[CompileReport]:
     return [compile_spec(spec, arch) for spec in all_specs()
-            if name_filter is None or name_filter in spec.name for arch in archs]
+            if name_filter is None or name_filter in spec.name for arch in archs if arch >= spec.min_arch]

@@ -25,6 +25,7 @@ LAUNCH_OPTIONS: dict = {"enable_fp_fusion": True}
 try:
     import triton
     import triton.language as tl
+    from triton.tools.tensor_descriptor import TensorDescriptor  # host-side TMA descriptors (Triton >= 3.4)
 
     HAS_TRITON = True
 except ImportError:  # pragma: no cover - exercised by tests/test_package.py in a subprocess
@@ -58,6 +59,7 @@ except ImportError:  # pragma: no cover - exercised by tests/test_package.py in 
 
     triton = _Missing("triton")
     tl = _Missing("triton.language")
+    TensorDescriptor = _Missing("triton.tools.tensor_descriptor.TensorDescriptor")
 
 
 def triton_interpreting() -> bool:
@@ -177,5 +179,5 @@ def check_devices(name: str, tensor: torch.Tensor, **others: torch.Tensor | None
             raise ValueError(f"{name} is on {tensor.device} but {other_name} on {other.device}")
 
 
-__all__ = ["HAS_TRITON", "INTERPRETING", "LAUNCH_OPTIONS", "cdiv", "check_devices", "device_of", "eager_direct", "gpu_arch", "next_power_of_2", "on_input_device",
+__all__ = ["HAS_TRITON", "INTERPRETING", "LAUNCH_OPTIONS", "TensorDescriptor", "cdiv", "check_devices", "device_of", "eager_direct", "gpu_arch", "next_power_of_2", "on_input_device",
            "tl", "triton", "triton_interpreting"]

@@ -54,6 +54,19 @@ M x N transfers: for the output projection at batch 1, M 1805, N = K = 1024, tha
 the GEMM's own 6.6 M, counted, not measured), which blurs the comparison of the tiles; it remains the
 fallback for a Triton whose autotuner does not report the tile it chose (``best_config``).
 
+Operand loads, two ways. The pointer main loop (``gemm_mainloop``) computes each thread's addresses and
+copies A and W tiles into shared memory with cp.async; it reads any strides, row-split A views and the
+LayerNorm prologue. The TMA main loop (``gemm_mainloop_tma``, a config's ``tma``) hands whole tiles to
+Hopper's copy engine through tensor descriptors (``triton.tools.tensor_descriptor.TensorDescriptor``, made
+on the host per launch and passed by value, so CUDA graphs capture them): no address registers, no masks
+(blocks past the edges read zeros), the same epilogue. It needs 16-bit operands, a 2-D A with unit K stride
+and 16-byte aligned rows (``_tma_ready``), as every EoMT GEMM has with the ``"separate"`` LN. On sm_90+ such
+a call is tuned twice, over the pointer tiles and over the same tiles with TMA, and the faster by the
+autotuners' own median times is kept (``_tune``); ``tuned_tiles()`` says which won for each shape. Compiled
+ahead of time for sm_90 (Triton 3.9, the output projection's residual epilogue) the TMA tiles need fewer
+registers: 99 against 120 for 128 x 128 x 64 on 8 warps, 172 against 206 on 4; which is faster is for the
+GPU to measure.
+
 Tiles: on a GPU, ``@triton.autotune`` over a handful of tile shapes (keyed on M, N, K and the flags)
 with GROUP_M swizzling of the tile order for L2 reuse; under the interpreter exactly one small tile.
 Rows and columns past the end of the matrix are wrapped into range for the loads (no masks, never a
@@ -70,10 +83,10 @@ import functools
 import inspect
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
-from ._triton import INTERPRETING, LAUNCH_OPTIONS, cdiv, check_devices, eager_direct, gpu_arch, next_power_of_2, on_input_device, tl, triton  # Triton, or a stand-in without it
+from ._triton import INTERPRETING, LAUNCH_OPTIONS, TensorDescriptor, cdiv, check_devices, eager_direct, gpu_arch, next_power_of_2, on_input_device, tl, triton  # Triton, or a stand-in without it
 
 
 ACTIVATIONS = {"none": 0, "gelu": 1, "silu": 2, "relu": 3}
@@ -96,10 +109,14 @@ class GemmConfig:
     num_warps: int = 4
     num_stages: int = 3
     epilogue_subtiles: int = 1  # 2: the epilogue runs on two column halves in turn (fewer live registers)
+    tma: bool = False  # _gemm_kernel only: A and W tiles through TMA tensor descriptors (see gemm_mainloop_tma)
 
     def meta(self) -> dict:
-        return {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "BLOCK_K": self.block_k, "GROUP_M": self.group_m,
+        """The kernel's tile constants (shared by the kernels built on gemm.py's tile lists); TMA only where set,
+        for ``_gemm_kernel``, whose TMA flag defaults to off."""
+        meta = {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "BLOCK_K": self.block_k, "GROUP_M": self.group_m,
                 "EPILOGUE_SUBTILES": self.epilogue_subtiles}
+        return {**meta, "TMA": True} if self.tma else meta
 
 
 # Under the interpreter each program step costs milliseconds whatever the tile: one 64 x 64 x 64 tile
@@ -168,11 +185,17 @@ GPU_FP32_GLU_CONFIGS = (
 
 
 def gemm_configs(glu: bool = False, ln_prologue: bool = False, fp32: bool = False,
-                 view_4d: bool = False) -> list[GemmConfig]:
-    """The tile configurations the autotuner tries for these flags (exactly one under the interpreter)."""
+                 view_4d: bool = False, tma: bool = False) -> list[GemmConfig]:
+    """The tile configurations the autotuner tries for these flags (exactly one under the interpreter).
+    ``tma``: the same tiles with A and W read through TMA descriptors (16-bit operands, no LN prologue),
+    which the launcher times against the pointer tiles on a GPU that has TMA (sm_90+)."""
+    if tma and (fp32 or ln_prologue):
+        raise ValueError("TMA tiles are for 16-bit operands without the LayerNorm prologue")
     if INTERPRETING:  # more than one config needs a GPU to benchmark on
-        return [INTERPRETER_CONFIG]
-    if fp32:
+        return [replace(INTERPRETER_CONFIG, tma=tma)]
+    if tma:
+        configs = [replace(c, tma=True) for c in (GPU_GLU_CONFIGS if glu else GPU_CONFIGS)]
+    elif fp32:
         configs = list(GPU_FP32_GLU_CONFIGS if glu else GPU_FP32_CONFIGS)
     elif glu:
         configs = list(GPU_GLU_LN_PROLOGUE_CONFIGS if ln_prologue else GPU_GLU_CONFIGS)
@@ -180,6 +203,8 @@ def gemm_configs(glu: bool = False, ln_prologue: bool = False, fp32: bool = Fals
         configs = list(GPU_LN_PROLOGUE_CONFIGS if ln_prologue else GPU_CONFIGS)
     if view_4d:  # the 4-D addressing divides row and column indices: registers the big tiles lack
         configs = [c for c in configs if _accumulators_per_thread(c) <= 64]
+        if tma:  # the 128 x 64 TMA tile's unsplit 4-D epilogue spills 280 B on sm_90 (Triton 3.9)
+            configs = [c for c in configs if c.epilogue_subtiles == 2 or _accumulators_per_thread(c) <= 32]
     return configs
 
 
@@ -205,34 +230,76 @@ def _scratch_like(out: torch.Tensor) -> torch.Tensor:
 
 
 @on_input_device
-def _tune(out: torch.Tensor, tuned, key: tuple, grid: Callable, args: tuple, meta: dict, in_place: bool):
-    """(the tile of ``key``, whether this call already launched the kernel). The first call of a key runs
-    ``tuned``, which benchmarks its configs: on ``out`` itself, where that call's result is then there, or
-    for an ``in_place`` call on a scratch output of out's shape and strides (``args`` with Out replaced; the
-    residual still reads out), so that out is written once, by the chosen tile."""
+def _tune(out: torch.Tensor, variants: list, key: tuple, grid: Callable, meta: dict, in_place: bool):
+    """(the tile of ``key``, whether this call already launched the kernel with it). ``variants``: (autotuner,
+    its launch arguments) pairs, the pointer tiles first and the TMA tiles where the operands allow them. The
+    first call of a key runs each autotuner, which benchmarks its configs: on ``out`` itself, where that call's
+    result is then there, or for an ``in_place`` call on a scratch output of out's shape and strides (``args``
+    with Out replaced; the residual still reads out), so that out is written once, by the chosen tile. The
+    fastest tile by the autotuners' own median times wins; a variant that did not time its tiles (one config,
+    the interpreter) never displaces the first."""
     with _TILES_LOCK:
         if key in _TILES:  # another thread tuned it while this one waited
             return _TILES[key], False
-        launched = False
-        if len(tuned.configs) == 1:  # nothing to benchmark (the interpreter)
-            tile = tuned.configs[0]
-        elif in_place:
-            tuned[grid](*args[:2], _scratch_like(out), *args[3:], **meta, **LAUNCH_OPTIONS)
-            tile = getattr(tuned, "best_config", None)  # None (remembered too): the restoring autotuner
+        best = best_time = last_run = None
+        for tuned, args in variants:
+            if len(tuned.configs) == 1:  # nothing to benchmark (the interpreter)
+                tile, time = tuned.configs[0], None
+            else:
+                run_args = (*args[:2], _scratch_like(out), *args[3:]) if in_place else args
+                tuned[grid](*run_args, **meta, **LAUNCH_OPTIONS)
+                tile = getattr(tuned, "best_config", None)  # None (remembered too): the restoring autotuner
+                if tile is None:
+                    break
+                time = _median_time(tuned, tile)
+                last_run = None if in_place else tile  # what out now holds
+            if best is None or (time is not None and best_time is not None and time < best_time):
+                best, best_time = tile, time
         else:
-            tuned[grid](*args, **meta, **LAUNCH_OPTIONS)
-            tile, launched = getattr(tuned, "best_config", None), True
-        _TILES[key] = tile
-    return tile, launched
+            _TILES[key] = best
+            return best, best is last_run
+        _TILES[key] = None
+    return None, False
+
+
+def tuned_tiles() -> list[str]:
+    """The tile chosen for each GEMM call shape tuned so far in this process, a line each (``bench/`` prints
+    them under each kernel's timings: which tile, pointer or TMA, won where)."""
+    lines = []
+    for key, tile in list(_TILES.items()):
+        glu, prologue, _, view_4d, arch, tma, in_place, m, n, k, dtype = key[:11]
+        flags = [name for name, on in (("glu", glu), ("ln-prologue", prologue), ("view4d", view_4d),
+                                       ("in-place", in_place), ("tma-ready", tma)) if on]
+        chosen = "?" if tile is None else (
+            f"{tile.kwargs['BLOCK_M']}x{tile.kwargs['BLOCK_N']}x{tile.kwargs['BLOCK_K']} w{tile.num_warps}"
+            f"s{tile.num_stages}{' TMA' if tile.kwargs.get('TMA') else ''}")
+        lines.append(f"gemm M{m} N{n} K{k} {str(dtype).removeprefix('torch.')} sm{''.join(map(str, arch or ()))} "
+                     f"{' '.join(flags)} -> {chosen}")
+    return lines
+
+
+def _median_time(tuned, tile) -> float | None:
+    """The median time the autotuner measured for ``tile`` (None where this Triton keeps no timings)."""
+    timing = getattr(tuned, "configs_timings", None) or {}
+    timing = timing.get(tile)
+    return timing[0] if isinstance(timing, (list, tuple)) else timing
+
+
+def _tma_block_shapes(nargs: dict) -> None:
+    """pre_hook of the TMA tiles: the descriptors' blocks follow the tile the autotuner is about to run."""
+    nargs["ADesc"].block_shape = [nargs["BLOCK_M"], nargs["BLOCK_K"]]
+    nargs["WDesc"].block_shape = [nargs["BLOCK_N"], nargs["BLOCK_K"]]
 
 
 @functools.lru_cache(maxsize=None)
 def _tuned_kernel(glu: bool, ln_prologue: bool, fp32: bool, view_4d: bool, restore_out: bool = False,
-                  arch: tuple[int, int] | None = None):
+                  arch: tuple[int, int] | None = None, tma: bool = False):
     """The autotuned GEMM for these flags; ``restore_out``: put Out back after each benchmark run (an
-    in-place residual update would otherwise be applied once per run); one per ``arch`` (_triton.gpu_arch)."""
-    configs = [triton.Config(c.meta(), num_warps=c.num_warps, num_stages=c.num_stages)
-               for c in gemm_configs(glu, ln_prologue, fp32, view_4d)]
+    in-place residual update would otherwise be applied once per run); one per ``arch`` (_triton.gpu_arch);
+    ``tma``: the TMA tiles (launched with descriptors, whose blocks a pre_hook sets per tile)."""
+    configs = [triton.Config(c.meta(), num_warps=c.num_warps, num_stages=c.num_stages,
+                             pre_hook=_tma_block_shapes if tma else None)
+               for c in gemm_configs(glu, ln_prologue, fp32, view_4d, tma)]
     # every flag that changes the compiled code is in the key: variants (a bias or not, row-split or aligned
     # operands) differ in registers and memory traffic, so each gets its own tuned tile
     key = ["M", "N", "K", "SPLIT_K", "ACTIVATION", "HAS_RESIDUAL", "HAS_BIAS", "HAS_SCALE", "SPLIT_ROWS",
@@ -352,6 +419,26 @@ def gemm_mainloop(
 
 
 @triton.jit
+def gemm_mainloop_tma(
+    ADesc, WDesc, off_m, off_n, k_lo, k_hi, glu_offset,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GLU: tl.constexpr,
+):
+    """fp32 (acc, acc_up) of gemm_mainloop for 16-bit operands read through TMA tensor descriptors: ADesc over
+    A (M, K) with [BLOCK_M, BLOCK_K] blocks, WDesc over W (N or 2N, K) with [BLOCK_N, BLOCK_K] blocks. The
+    copy engine moves each tile straight into shared memory (no per-thread addresses, no masks: rows and K
+    columns past the end read as zeros), where wgmma reads both operands. Rows of the gate half past N read
+    the up half's first rows: their columns are never stored."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(k_lo, k_hi, BLOCK_K):
+        a = ADesc.load([off_m, k])
+        acc = tl.dot(a, WDesc.load([off_n, k]).T, acc)
+        if GLU:
+            acc_up = tl.dot(a, WDesc.load([off_n + glu_offset, k]).T, acc_up)
+    return acc, acc_up
+
+
+@triton.jit
 def gemm_epilogue(
     acc, acc_up, offs_n, mask_n, mask, res_ptrs, glu_offset, Bias, Scale, Res,
     ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
@@ -416,6 +503,7 @@ def _gemm_kernel(
     Mean, Rstd,  # (M,) fp32 row statistics of A; unused without LN_PROLOGUE
     LnW, LnB,  # (K,) LayerNorm weight and bias; unused without LN_PROLOGUE
     Ws, WsUp,  # (SPLIT_K, M, N) fp32 partial sums (of the up half with GLU); unused when SPLIT_K == 1
+    ADesc, WDesc,  # with TMA: tensor descriptors of A (2-D) and W, blocks [BLOCK_M or BLOCK_N, BLOCK_K]; else unused
     M, N, K,
     a_rows_inner, stride_a0,  # A_SPLIT_ROWS: rows per batch of A and the batch stride
     stride_am, stride_ak, stride_wn, stride_wk,
@@ -427,7 +515,7 @@ def _gemm_kernel(
     SPLIT_ROWS: tl.constexpr, A_SPLIT_ROWS: tl.constexpr,
     ALIGNED: tl.constexpr, OUT_ALIGNED: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    EPILOGUE_SUBTILES: tl.constexpr,
+    EPILOGUE_SUBTILES: tl.constexpr, TMA: tl.constexpr = False,
 ):
     pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     pid_k = tl.program_id(1)
@@ -436,12 +524,16 @@ def _gemm_kernel(
     k_per_split = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
     k_lo = pid_k * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
-    # Rows/columns past the end are wrapped into range: their loads need no mask, their results are
-    # never stored.
-    acc, acc_up = gemm_mainloop(
-        A, W, offs_m % M, offs_n % N, k_lo, k_hi, a_rows_inner, stride_a0, stride_am, stride_ak, stride_wn,
-        stride_wk, glu_offset, Mean, Rstd, LnW, LnB, BLOCK_M, BLOCK_N, BLOCK_K, LN_PROLOGUE, GLU, A_SPLIT_ROWS,
-        ALIGNED, DOT_PRECISION)
+    if TMA:
+        acc, acc_up = gemm_mainloop_tma(ADesc, WDesc, pid_m * BLOCK_M, pid_n * BLOCK_N, k_lo, k_hi, glu_offset,
+                                        BLOCK_M, BLOCK_N, BLOCK_K, GLU)
+    else:
+        # Rows/columns past the end are wrapped into range: their loads need no mask, their results are
+        # never stored.
+        acc, acc_up = gemm_mainloop(
+            A, W, offs_m % M, offs_n % N, k_lo, k_hi, a_rows_inner, stride_a0, stride_am, stride_ak, stride_wn,
+            stride_wk, glu_offset, Mean, Rstd, LnW, LnB, BLOCK_M, BLOCK_N, BLOCK_K, LN_PROLOGUE, GLU, A_SPLIT_ROWS,
+            ALIGNED, DOT_PRECISION)
     if SPLIT_K > 1:  # raw partial sums; _splitk_reduce_kernel adds them up and applies the epilogue
         if OUT_ALIGNED:
             mask = (offs_m < M)[:, None] & (offs_n < N // 16 * 16)[None, :]
@@ -776,31 +868,43 @@ def gemm(
         mean if mean is not None else dummy, rstd if rstd is not None else dummy,
         ln_weight if ln_weight is not None else dummy, ln_bias if ln_bias is not None else dummy,
         workspace[0] if workspace is not None else dummy, workspace[-1] if workspace is not None else dummy,
+        dummy, dummy,  # ADesc, WDesc: the TMA tiles get descriptors instead (_with_descriptors)
         m, n, k, a.shape[1] if a.dim() == 3 else m, a.stride(0) if a.dim() == 3 else 0, a.stride(-2), a.stride(-1),
         weight.stride(0), weight.stride(1), *out_geom, *res_strides, n,
     )
     mainloop = dict(LN_PROLOGUE=mean is not None, A_SPLIT_ROWS=a.dim() == 3, ALIGNED=aligned,
                     DOT_PRECISION=FP32_DOT_PRECISION if a.dtype == torch.float32 else "tf32")  # 16-bit: ignored
+    tma_ready = _tma_ready(a, weight, ln_prologue=mean is not None)
     grid = lambda meta: (cdiv(m, meta["BLOCK_M"]) * cdiv(n, meta["BLOCK_N"]), split_k)  # noqa: E731
     if config is not None:
-        _gemm_kernel[grid(config.meta())](*args, **epilogue, **mainloop, **config.meta(),
-                                          num_warps=config.num_warps, num_stages=config.num_stages, **LAUNCH_OPTIONS)
+        if config.tma and not tma_ready:
+            raise ValueError("a TMA config needs 16-bit a and weight with unit K stride and 16-byte aligned rows, "
+                             "a 2-D (evenly strided) a, K > 0 and no LayerNorm prologue")
+        _gemm_kernel[grid(config.meta())](*_with_descriptors(args, config.meta()), **epilogue, **mainloop,
+                                          **config.meta(), num_warps=config.num_warps,
+                                          num_stages=config.num_stages, **LAUNCH_OPTIONS)
     else:
         flags = (glu, mean is not None, a.dtype == torch.float32, view_4d)
         arch = gpu_arch(out)
+        tma = tma_ready and arch is not None and arch >= TMA_MIN_ARCH  # TMA tiles timed against the others
         meta = {**epilogue, **mainloop}
         in_place = in_place and split_k == 1  # (with split-K the GEMM writes the workspace, not out)
-        key = (*flags, arch, in_place, m, n, k, a.dtype, weight.dtype, out.dtype, bias_.dtype, scale_.dtype,
+        key = (*flags, arch, tma, in_place, m, n, k, a.dtype, weight.dtype, out.dtype, bias_.dtype, scale_.dtype,
                residual_.dtype, *meta.values())  # meta's entries in the order written above
         launched = False
         if key in _TILES:
             tile = _TILES[key]
         else:
-            tile, launched = _tune(out, _tuned_kernel(*flags, arch=arch), key, grid, args, meta, in_place)
+            variants = [(_tuned_kernel(*flags, arch=arch), args)]
+            if tma:  # placeholder blocks: each TMA config's pre_hook sets its own
+                variants.append((_tuned_kernel(*flags, arch=arch, tma=True),
+                                 _with_descriptors(args, {"TMA": True, "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64})))
+            tile, launched = _tune(out, variants, key, grid, meta, in_place)
         if launched:
             pass
         elif tile is not None:
-            _gemm_kernel[grid(tile.kwargs)](*args, **meta, **tile.all_kwargs(), **LAUNCH_OPTIONS)
+            _gemm_kernel[grid(tile.kwargs)](*_with_descriptors(args, tile.kwargs), **meta, **tile.all_kwargs(),
+                                            **LAUNCH_OPTIONS)
         else:  # a Triton that does not say which tile won: its autotuner, restoring out after each trial
             _tuned_kernel(*flags, restore_out=in_place, arch=arch)[grid](*args, **meta, **LAUNCH_OPTIONS)
     if split_k > 1:
@@ -856,6 +960,29 @@ def with_out(functional: Callable, into: Callable, reference: Callable) -> Calla
     return op
 
 
+def _tma_ready(a: torch.Tensor, weight: torch.Tensor, ln_prologue: bool) -> bool:
+    """Whether TMA descriptors can read a and weight: 16-bit, a 2-D (rows evenly strided), unit K stride,
+    16-byte aligned bases and row strides (the copy engine's rules), K > 0; the LN prologue normalises A in
+    registers and keeps the pointer loads."""
+    return (a.dtype in (torch.float16, torch.bfloat16) and a.dim() == 2 and not ln_prologue and a.shape[1] > 0
+            and a.stride(1) == 1 and weight.stride(1) == 1 and _rows_aligned(a) and _rows_aligned(weight))
+
+
+# The first GPU architecture with TMA (Hopper, sm_90); Triton lowers descriptor loads to pointers before it.
+TMA_MIN_ARCH = (9, 0)
+_DESCRIPTORS = slice(12, 14)  # where ADesc and WDesc sit in _gemm_kernel's arguments
+
+
+def _with_descriptors(args: tuple, meta: dict) -> tuple:
+    """``args`` with TMA descriptors of A and W for a tile ``meta`` with TMA set (as they are otherwise)."""
+    if not meta.get("TMA"):
+        return args
+    a, weight, (m, n, k) = args[0], args[1], args[14:17]
+    a_desc = TensorDescriptor(a, [m, k], [a.stride(0), 1], [meta["BLOCK_M"], meta["BLOCK_K"]])
+    w_desc = TensorDescriptor(weight, [weight.shape[0], k], [weight.stride(0), 1], [meta["BLOCK_N"], meta["BLOCK_K"]])
+    return (*args[:_DESCRIPTORS.start], a_desc, w_desc, *args[_DESCRIPTORS.stop:])
+
+
 def _vector(t: torch.Tensor | None) -> torch.Tensor | None:
     return t if t is None or t.stride(-1) == 1 else t.contiguous()
 
@@ -884,7 +1011,7 @@ def gemm_aot_spec(name: str, dtype: torch.dtype, config: GemmConfig, *, activati
     ptr = f"*{t}"
     signature = {
         "A": ptr, "W": ptr, "Out": ptr, "Bias": ptr, "Scale": ptr, "Res": ptr, "Mean": "*fp32", "Rstd": "*fp32",
-        "LnW": ptr, "LnB": ptr, "Ws": "*fp32", "WsUp": "*fp32",
+        "LnW": ptr, "LnB": ptr, "Ws": "*fp32", "WsUp": "*fp32", "ADesc": ptr, "WDesc": ptr,
         "M": "i32", "N": "i32", "K": "i32", "a_rows_inner": "i32", "stride_a0": "i32",
         "stride_am": "i32", "stride_ak": "i32", "stride_wn": "i32", "stride_wk": "i32",
         "out_rows_inner": "i32", "out_cols_inner": "i32",
@@ -898,20 +1025,29 @@ def gemm_aot_spec(name: str, dtype: torch.dtype, config: GemmConfig, *, activati
         "HAS_RESIDUAL": has_residual, "LN_PROLOGUE": ln_prologue, "GLU": glu, "SPLIT_K": split_k,
         "VIEW_4D": view_4d, "SPLIT_ROWS": split_rows, "A_SPLIT_ROWS": a_split_rows, "ALIGNED": True,
         "OUT_ALIGNED": True,
-        "DOT_PRECISION": FP32_DOT_PRECISION if dtype == torch.float32 else "tf32", **config.meta(),
+        "DOT_PRECISION": FP32_DOT_PRECISION if dtype == torch.float32 else "tf32", "TMA": False, **config.meta(),
     }
     signature.update({key: "constexpr" for key in constexprs})
     c = config
+    if c.tma:  # A and W through descriptors: rows aligned (the launcher's _tma_ready), A 2-D
+        if a_split_rows or ln_prologue or dtype == torch.float32:
+            raise ValueError("TMA tiles read a 2-D 16-bit A without the LayerNorm prologue")
+        signature.update({"ADesc": f"tensordesc<{t}[{c.block_m}, {c.block_k}]>",
+                          "WDesc": f"tensordesc<{t}[{c.block_n}, {c.block_k}]>"})
     label = f"{name}_{t}_{c.block_m}x{c.block_n}x{c.block_k}_w{c.num_warps}s{c.num_stages}"
-    return KernelSpec(name=label + (f"_sub{c.epilogue_subtiles}" if c.epilogue_subtiles > 1 else ""),
-                      fn=_gemm_kernel, signature=signature, constexprs=constexprs, num_warps=c.num_warps,
-                      num_stages=c.num_stages, needs_wgmma=dtype != torch.float32)
+    label += (f"_sub{c.epilogue_subtiles}" if c.epilogue_subtiles > 1 else "") + ("_tma" if c.tma else "")
+    return KernelSpec(name=label, fn=_gemm_kernel, signature=signature, constexprs=constexprs, num_warps=c.num_warps,
+                      num_stages=c.num_stages, needs_wgmma=dtype != torch.float32, needs_tma=c.tma,
+                      min_arch=90 if c.tma else 0)
 
 
 def gemm_aot_specs(name: str, **flags) -> list:
     """Specs of one GEMM of an op: every bf16 autotune config for its flags, and the first in fp16
     (fp16 and bf16 compile to the same registers and shared memory)."""
-    configs = gemm_configs(flags.get("glu", False), flags.get("ln_prologue", False), False, flags.get("view_4d", False))
+    glu, prologue, view_4d = flags.get("glu", False), flags.get("ln_prologue", False), flags.get("view_4d", False)
+    configs = gemm_configs(glu, prologue, False, view_4d)
+    if not (prologue or flags.get("a_split_rows", False)):  # the TMA tiles too, where A can have descriptors
+        configs += gemm_configs(glu, False, False, view_4d, tma=True)
     return ([gemm_aot_spec(name, torch.bfloat16, c, **flags) for c in configs]
             + [gemm_aot_spec(name, torch.float16, configs[0], **flags)])
 

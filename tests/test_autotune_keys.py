@@ -29,6 +29,9 @@ def autotuners():
                 for view_4d in (False, True):
                     for restore_out in (False, True):
                         yield ("gemm", gemm._tuned_kernel(glu, ln_prologue, fp32, view_4d, restore_out),
+                               fixed_by_dtype | {"GLU", "LN_PROLOGUE", "VIEW_4D", "TMA"}, {"M", "N", "SPLIT_K"})
+                    if not (ln_prologue or fp32):  # the TMA tiles' own autotuner (TMA set in each config)
+                        yield ("gemm", gemm._tuned_kernel(glu, ln_prologue, fp32, view_4d, tma=True),
                                fixed_by_dtype | {"GLU", "LN_PROLOGUE", "VIEW_4D"}, {"M", "N", "SPLIT_K"})
     for fp32 in (False, True):
         yield "grid_mask", mask_logits._tuned_grid_mask_kernel(fp32), fixed_by_dtype, {"B", "P", "Q"}

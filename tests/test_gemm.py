@@ -124,6 +124,62 @@ def test_gemm_fixed_config(config):
                config=config)
 
 
+# The TMA tiles (A and W through tensor descriptors), forced by a config; on a GPU with TMA the launcher times
+# them against the pointer tiles. Rows must be 16-byte aligned: K a multiple of 8 in fp16.
+TMA_CONFIG = G.GemmConfig(64, 64, 32, 4, 4, 1, 2, tma=True)
+TMA_CASES = [
+    (1, 48, 40, dict(bias=True)),                                   # one row: the rest of the block reads zeros
+    (7, 104, 96, dict(activation="gelu")),                          # K = 3 x 32 + 8: a zero-filled last block
+    (130, 64, 33, dict(scale=True, residual=True)),                 # odd N: W rows past N read zeros
+    (600, 40, 64, dict(bias=False, activation="relu")),             # 10 row tiles: GROUP_M boundaries
+    (130, 80, 48, dict(glu=True, activation="silu")),               # gate rows past N read the up half
+    (7, 48, 96, dict(glu=True, activation="gelu", residual=True)),
+    (130, 96, 72, dict(ln="separate", activation="gelu")),          # A = the LayerNorm row kernel's output
+]
+
+
+@pytest.mark.parametrize("case", TMA_CASES, ids=case_id)
+def test_gemm_tma_tiles(case):
+    m, k, n, flags = case
+    check_gemm(m, k, n, torch.float16, {"bias": True, **flags}, config=TMA_CONFIG)
+
+
+@pytest.mark.parametrize("split_k", [2, 3])  # 3 over K = 160: splits of 64, 64 and 32
+def test_gemm_tma_split_k(split_k):
+    check_gemm(130, 160, 48, torch.float16, dict(bias=True, scale=True, residual=True), split_k=split_k,
+               config=TMA_CONFIG)
+
+
+def test_gemm_tma_in_place_on_a_token_buffer_slice():
+    """A TMA tile updating a row-split slice in place: the descriptors read A and W, the epilogue's pointers
+    address the slice."""
+    tokens, body, rnd = token_layer_case(torch.float16)
+    a, w, bias, scale = rnd(3 * 37, 64, mean=0.3), rnd(48, 64, std=64**-0.5), rnd(48, std=0.1), rnd(48, std=0.5)
+    flat = body.reshape(-1, 48).clone()
+    G.gemm(a, w, bias, scale=scale, residual=body, out=body, config=TMA_CONFIG)
+    assert torch.isnan(tokens[:, :5]).all(), "wrote outside the slice"
+    exact = gemm_ref(a.double(), w.double(), bias.double(), scale=scale.double(), residual=flat.double())
+    assert_close(body.reshape(-1, 48), gemm_ref(a, w, bias, scale=scale, residual=flat), exact)
+
+
+def test_gemm_tma_refuses_what_descriptors_cannot_read():
+    g = torch.Generator().manual_seed(12)
+    w = torch.randn(16, 32, generator=g).half()
+    ln = (torch.ones(32).half(), torch.zeros(32).half(), 1e-6)
+    tokens = torch.randn(3, 9, 32, generator=g).half()
+    cases = {
+        "fp32": dict(a=torch.randn(4, 32, generator=g), weight=w.float()),
+        "rows of 100 bytes": dict(a=torch.randn(4, 50, generator=g).half(), weight=torch.randn(16, 50).half()),
+        "the LN prologue": dict(a=torch.randn(4, 32, generator=g).half(), weight=w, ln=ln, ln_mode="prologue"),
+        "a row-split A": dict(a=tokens[:, 2:], weight=w),
+        "a transposed weight": dict(a=torch.randn(4, 32, generator=g).half(), weight=torch.randn(32, 16).half().t()),
+    }
+    for name, kwargs in cases.items():
+        with pytest.raises(ValueError, match="a TMA config needs"):
+            G.gemm(**kwargs, config=TMA_CONFIG)
+    assert G.gemm(torch.randn(4, 32, generator=g).half(), w, ln=ln, config=TMA_CONFIG).shape == (4, 16)  # separate LN
+
+
 def test_gemm_strided_operands():
     """W stored as (K, N) and passed as w.t(), A a column slice of a wider buffer: no copies needed."""
     m, k, n = 70, 48, 40
@@ -263,11 +319,12 @@ class FakeTuner:
     def __init__(self, chosen, report: bool = True):
         self.configs = [chosen, chosen]
         self.chosen, self.report, self.launches = chosen, report, []
+        self.kernel = G._gemm_kernel  # the real one, also where a test counts the launcher's direct launches
 
     def __getitem__(self, grid):
         def launch(*args, **meta):
             self.launches.append(args)
-            G._gemm_kernel[grid(self.chosen.kwargs)](*args, **meta, **self.chosen.all_kwargs())
+            self.kernel[grid(self.chosen.kwargs)](*args, **meta, **self.chosen.all_kwargs())
             if self.report:
                 self.best_config = self.chosen
         return launch
@@ -332,6 +389,61 @@ def test_functional_calls_are_tuned_once_then_launched_directly(monkeypatch):
             G.gemm(a, w, bias, activation="gelu", out=out)
             torch.testing.assert_close(out, gemm_ref(a, w, bias, activation="gelu"), rtol=1e-5, atol=1e-5)
     assert len(tuner.launches) == 2 and len(G._TILES) == 2  # one tuning launch per shape
+
+
+class TimedFakeTuner(FakeTuner):
+    """A FakeTuner that also reports the median time it measured for its choice, as Triton's configs_timings."""
+
+    def __init__(self, chosen, median_ms):
+        super().__init__(chosen)
+        self.configs_timings = {chosen: [median_ms, median_ms, median_ms]}
+
+
+@pytest.mark.parametrize("in_place", [False, True], ids=["functional", "in_place"])
+@pytest.mark.parametrize("tma_ms", [0.5, 2.0], ids=["tma_faster", "tma_slower"])
+def test_tma_tiles_are_timed_against_the_pointer_tiles(monkeypatch, tma_ms, in_place):
+    """On a GPU with TMA (faked: sm_90) the launcher runs both autotuners, the TMA one with descriptors, and keeps
+    the faster tile by their median times; a later call launches it directly (descriptors only for a TMA tile).
+    The result is the chosen tile's either way: when the other variant ran last on out, the choice runs again."""
+    pointer_tile = G.triton.Config(G.INTERPRETER_CONFIG.meta(), num_warps=4, num_stages=1)
+    tma_tile = G.triton.Config({**G.INTERPRETER_CONFIG.meta(), "TMA": True}, num_warps=4, num_stages=1)
+    tuners = {False: TimedFakeTuner(pointer_tile, 1.0), True: TimedFakeTuner(tma_tile, tma_ms)}
+    monkeypatch.setattr(G, "_tuned_kernel", lambda *flags, restore_out=False, arch=None, tma=False: tuners[tma])
+    monkeypatch.setattr(G, "gpu_arch", lambda t: G.TMA_MIN_ARCH)
+    monkeypatch.setattr(G, "_TILES", {})
+    launched = []
+    real_kernel = G._gemm_kernel
+
+    class CountingKernel:  # the direct launches of a chosen tile
+        def __getitem__(self, grid):
+            def launch(*args, **meta):
+                launched.append(meta.get("TMA", False))
+                assert isinstance(args[12], G.TensorDescriptor) == bool(meta.get("TMA"))
+                return real_kernel[grid](*args, **meta)
+            return launch
+
+    rnd = normal_sampler(torch.Generator().manual_seed(13), torch.float16)
+    a, w, bias, scale = rnd(70, 64, mean=0.3), rnd(48, 64, std=64**-0.5), rnd(48, std=0.1), rnd(48, std=0.5)
+    residual = rnd(70, 48)
+    monkeypatch.setattr(G, "_gemm_kernel", CountingKernel())
+    for call in range(2):
+        out = residual.clone() if in_place else poison_(torch.empty(70, 48, dtype=torch.float16))
+        G.gemm(a, w, bias, scale=scale, residual=out if in_place else residual, out=out)
+        exact = gemm_ref(a.double(), w.double(), bias.double(), scale=scale.double(), residual=residual.double())
+        assert_close(out, gemm_ref(a, w, bias, scale=scale, residual=residual), exact)
+    assert [len(t.launches) for t in tuners.values()] == [1, 1], "each variant tuned once"
+    assert isinstance(tuners[True].launches[0][12], G.TensorDescriptor)
+    assert not isinstance(tuners[False].launches[0][12], G.TensorDescriptor)
+    if in_place:  # tuned on scratch outputs, then the winner launched on out
+        assert all(t.launches[0][2] is not out for t in tuners.values())
+    chose_tma = tma_ms < 1.0
+    assert list(G._TILES.values()) == [tma_tile if chose_tma else pointer_tile]
+    # the first call launches the choice again unless out already holds it (the TMA tuner ran last, on out)
+    first = [] if (chose_tma and not in_place) else [chose_tma]
+    assert launched == first + [chose_tma]
+    (line,) = G.tuned_tiles()  # what bench/ prints under the timings
+    assert line.startswith("gemm M70 N48 K64 float16 sm90") and "tma-ready" in line
+    assert line.endswith("-> 64x64x64 w4s1" + (" TMA" if chose_tma else "")) and ("in-place" in line) == in_place
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
@@ -409,6 +521,7 @@ def test_aot_specs_compile_for_sm90(tmp_path):
     bad = [line for line in lines if not line.rstrip().endswith(" ok")]
     assert not bad, "\n".join(bad)
     assert sum("wgmma yes" in line for line in lines) >= 40, "the 16-bit GEMMs must use wgmma"
+    assert sum("_tma " in line and "tma yes" in line for line in lines) >= 30, "the TMA tiles must use TMA copies"
 
 
 # ---- GPU: EoMT-L shapes, every autotune configuration ---------------------------------------------
@@ -465,9 +578,11 @@ def _config_cases():
     for glu in (False, True):
         for prologue in (False, True):
             for fp32 in (False, True):
-                for c in G.gemm_configs(glu, prologue, fp32):
+                tma = [] if prologue or fp32 else G.gemm_configs(glu, tma=True)  # the TMA tiles (sm_90+)
+                for c in [*G.gemm_configs(glu, prologue, fp32), *tma]:
                     flags = f"{'fp32' if fp32 else 'bf16'}{'-glu' if glu else ''}{'-prologue' if prologue else ''}"
                     tile = f"{c.block_m}x{c.block_n}x{c.block_k}-w{c.num_warps}s{c.num_stages}-sub{c.epilogue_subtiles}"
+                    tile += "-tma" if c.tma else ""
                     label = f"{flags}-{tile}"
                     cases.append(pytest.param(glu, prologue, fp32, c, id=label))
     return cases
@@ -477,7 +592,9 @@ def _config_cases():
 @pytest.mark.parametrize("glu,prologue,fp32,config", _config_cases())
 def test_every_autotune_config_gpu(glu, prologue, fp32, config):
     """Each entry of the autotune lists computes the right thing (the autotuner may pick any), at N not a
-    multiple of the tile and an M of EoMT-L at batch 1."""
+    multiple of the tile and an M of EoMT-L at batch 1 (the TMA tiles on a GPU with TMA)."""
+    if config.tma and torch.cuda.get_device_capability() < G.TMA_MIN_ARCH:
+        pytest.skip("TMA tiles run from sm_90")
     flags = dict(bias=True, ln="prologue" if prologue else False, scale=True, residual=True)
     if glu:
         flags.update(glu=True, activation="silu")
