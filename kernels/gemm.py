@@ -60,9 +60,13 @@ LayerNorm prologue. The TMA main loop (``gemm_mainloop_tma``, a config's ``tma``
 Hopper's copy engine through tensor descriptors (``triton.tools.tensor_descriptor.TensorDescriptor``, made
 on the host per launch and passed by value, so CUDA graphs capture them): no address registers, no masks
 (blocks past the edges read zeros), the same epilogue. It needs 16-bit operands, a 2-D A with unit K stride
-and 16-byte aligned rows (``_tma_ready``), as every EoMT GEMM has with the ``"separate"`` LN. On sm_90+ such
-a call is tuned twice, over the pointer tiles and over the same tiles with TMA, and the faster by the
-autotuners' own median times is kept (``_tune``); ``tuned_tiles()`` says which won for each shape. Compiled
+and 16-byte aligned rows (``_tma_ready``), as every EoMT GEMM has with the ``"separate"`` LN. The largest TMA
+tiles also run persistent (a config's ``persistent``): one program per SM walks the tiles in one flattened
+loop over tiles and K steps (``tl.range(..., flatten=True)``), which Triton pipelines across tile boundaries,
+so the next tile's first loads overlap this tile's epilogue (K = 1024 is only 16 steps of 64: the epilogue
+is a visible share). On sm_90+ such a call is tuned three times, over the pointer tiles, the TMA tiles and
+the persistent ones, and the fastest by the autotuners' own median times is kept (``_tune``);
+``tuned_tiles()`` says which won for each shape. Compiled
 ahead of time for sm_90 (Triton 3.9, the output projection's residual epilogue) the TMA tiles need fewer
 registers: 99 against 120 for 128 x 128 x 64 on 8 warps, 172 against 206 on 4; which is faster is for the
 GPU to measure.
@@ -110,13 +114,18 @@ class GemmConfig:
     num_stages: int = 3
     epilogue_subtiles: int = 1  # 2: the epilogue runs on two column halves in turn (fewer live registers)
     tma: bool = False  # _gemm_kernel only: A and W tiles through TMA tensor descriptors (see gemm_mainloop_tma)
+    persistent: bool = False  # _gemm_kernel only, with tma: one program per SM walking the tiles
 
     def meta(self) -> dict:
-        """The kernel's tile constants (shared by the kernels built on gemm.py's tile lists); TMA only where set,
-        for ``_gemm_kernel``, whose TMA flag defaults to off."""
+        """The kernel's tile constants (shared by the kernels built on gemm.py's tile lists); TMA and PERSISTENT
+        only where set, for ``_gemm_kernel``, whose flags default to off."""
         meta = {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "BLOCK_K": self.block_k, "GROUP_M": self.group_m,
                 "EPILOGUE_SUBTILES": self.epilogue_subtiles}
-        return {**meta, "TMA": True} if self.tma else meta
+        if self.tma:
+            meta["TMA"] = True
+        if self.persistent:
+            meta["PERSISTENT"] = True
+        return meta
 
 
 # Under the interpreter each program step costs milliseconds whatever the tile: one 64 x 64 x 64 tile
@@ -148,6 +157,8 @@ GPU_CONFIGS = (
     GemmConfig(64, 128, 64, 8, 4, 4, 2),
     GemmConfig(64, 64, 64, 8, 4, 4, 1),
 )
+PERSISTENT_TILES = 4  # the first four of GPU_CONFIGS (128 x 256, 256 x 128, 128 x 128 twice) also run persistent
+PERSISTENT_GLU_TILES = 2  # and the first two GLU tiles
 # The LayerNorm prologue holds mean, rstd, gamma and beta too: BLOCK_K 32 for the largest tiles, and no
 # 128 x 128 tile on 4 warps (it spills 40-56 B there, under Triton 3.9 as well).
 GPU_LN_PROLOGUE_CONFIGS = (
@@ -185,15 +196,21 @@ GPU_FP32_GLU_CONFIGS = (
 
 
 def gemm_configs(glu: bool = False, ln_prologue: bool = False, fp32: bool = False,
-                 view_4d: bool = False, tma: bool = False) -> list[GemmConfig]:
+                 view_4d: bool = False, tma: bool = False, persistent: bool = False) -> list[GemmConfig]:
     """The tile configurations the autotuner tries for these flags (exactly one under the interpreter).
     ``tma``: the same tiles with A and W read through TMA descriptors (16-bit operands, no LN prologue),
-    which the launcher times against the pointer tiles on a GPU that has TMA (sm_90+)."""
+    which the launcher times against the pointer tiles on a GPU that has TMA (sm_90+); ``persistent``
+    (with ``tma``): the largest of them as persistent kernels, timed too."""
     if tma and (fp32 or ln_prologue):
         raise ValueError("TMA tiles are for 16-bit operands without the LayerNorm prologue")
+    if persistent and (not tma or view_4d):  # (4-D: the one that fits spills 8 B on sm_90, Triton 3.9)
+        raise ValueError("the persistent tiles are TMA tiles without the 4-D output view")
     if INTERPRETING:  # more than one config needs a GPU to benchmark on
-        return [replace(INTERPRETER_CONFIG, tma=tma)]
-    if tma:
+        return [replace(INTERPRETER_CONFIG, tma=tma, persistent=persistent)]
+    if persistent:  # the big tiles, whose epilogues are long enough to be worth hiding behind the next loads
+        configs = [replace(c, tma=True, persistent=True)
+                   for c in (GPU_GLU_CONFIGS[:PERSISTENT_GLU_TILES] if glu else GPU_CONFIGS[:PERSISTENT_TILES])]
+    elif tma:
         configs = [replace(c, tma=True) for c in (GPU_GLU_CONFIGS if glu else GPU_CONFIGS)]
     elif fp32:
         configs = list(GPU_FP32_GLU_CONFIGS if glu else GPU_FP32_CONFIGS)
@@ -272,7 +289,8 @@ def tuned_tiles() -> list[str]:
                                        ("in-place", in_place), ("tma-ready", tma)) if on]
         chosen = "?" if tile is None else (
             f"{tile.kwargs['BLOCK_M']}x{tile.kwargs['BLOCK_N']}x{tile.kwargs['BLOCK_K']} w{tile.num_warps}"
-            f"s{tile.num_stages}{' TMA' if tile.kwargs.get('TMA') else ''}")
+            f"s{tile.num_stages}{' TMA' if tile.kwargs.get('TMA') else ''}"
+            f"{' persistent' if tile.kwargs.get('PERSISTENT') else ''}")
         lines.append(f"gemm M{m} N{n} K{k} {str(dtype).removeprefix('torch.')} sm{''.join(map(str, arch or ()))} "
                      f"{' '.join(flags)} -> {chosen}")
     return lines
@@ -293,13 +311,14 @@ def _tma_block_shapes(nargs: dict) -> None:
 
 @functools.lru_cache(maxsize=None)
 def _tuned_kernel(glu: bool, ln_prologue: bool, fp32: bool, view_4d: bool, restore_out: bool = False,
-                  arch: tuple[int, int] | None = None, tma: bool = False):
+                  arch: tuple[int, int] | None = None, tma: bool = False, persistent: bool = False):
     """The autotuned GEMM for these flags; ``restore_out``: put Out back after each benchmark run (an
     in-place residual update would otherwise be applied once per run); one per ``arch`` (_triton.gpu_arch);
-    ``tma``: the TMA tiles (launched with descriptors, whose blocks a pre_hook sets per tile)."""
+    ``tma``: the TMA tiles (launched with descriptors, whose blocks a pre_hook sets per tile), ``persistent``
+    their persistent form."""
     configs = [triton.Config(c.meta(), num_warps=c.num_warps, num_stages=c.num_stages,
                              pre_hook=_tma_block_shapes if tma else None)
-               for c in gemm_configs(glu, ln_prologue, fp32, view_4d, tma)]
+               for c in gemm_configs(glu, ln_prologue, fp32, view_4d, tma, persistent)]
     # every flag that changes the compiled code is in the key: variants (a bias or not, row-split or aligned
     # operands) differ in registers and memory traffic, so each gets its own tuned tile
     key = ["M", "N", "K", "SPLIT_K", "ACTIVATION", "HAS_RESIDUAL", "HAS_BIAS", "HAS_SCALE", "SPLIT_ROWS",
@@ -493,32 +512,21 @@ def split_columns(acc, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
 # ---- kernels -----------------------------------------------------------------------------------------
 
 @triton.jit
-def _gemm_kernel(
-    A,  # (M, K) activations, or a (Mo, Mi, K) view with A_SPLIT_ROWS; any strides
-    W,  # (N, K) weight, or (2N, K) [gate | up] with GLU; nn.Linear layout, any strides
-    Out,  # output, addressed through the 4-D view (out_rows_inner, out_cols_inner, stride_o*)
-    Bias,  # (N,) or (2N,) with GLU; unused without HAS_BIAS
-    Scale,  # (N,) per-column scale (LayerScale); unused without HAS_SCALE
-    Res,  # residual, addressed like Out through its own strides; unused without HAS_RESIDUAL
-    Mean, Rstd,  # (M,) fp32 row statistics of A; unused without LN_PROLOGUE
-    LnW, LnB,  # (K,) LayerNorm weight and bias; unused without LN_PROLOGUE
-    Ws, WsUp,  # (SPLIT_K, M, N) fp32 partial sums (of the up half with GLU); unused when SPLIT_K == 1
-    ADesc, WDesc,  # with TMA: tensor descriptors of A (2-D) and W, blocks [BLOCK_M or BLOCK_N, BLOCK_K]; else unused
-    M, N, K,
-    a_rows_inner, stride_a0,  # A_SPLIT_ROWS: rows per batch of A and the batch stride
-    stride_am, stride_ak, stride_wn, stride_wk,
+def gemm_tile(
+    tile_id, pid_k, A, W, Out, Bias, Scale, Res, Mean, Rstd, LnW, LnB, Ws, WsUp, ADesc, WDesc, M, N, K,
+    a_rows_inner, stride_a0, stride_am, stride_ak, stride_wn, stride_wk,
     out_rows_inner, out_cols_inner, stride_o0, stride_o1, stride_o2, stride_o3,
-    stride_r0, stride_r1, stride_r2, stride_r3,
-    glu_offset,  # row offset of the up half of W (= N) with GLU
+    stride_r0, stride_r1, stride_r2, stride_r3, glu_offset,
     ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     LN_PROLOGUE: tl.constexpr, GLU: tl.constexpr, SPLIT_K: tl.constexpr, VIEW_4D: tl.constexpr,
     SPLIT_ROWS: tl.constexpr, A_SPLIT_ROWS: tl.constexpr,
     ALIGNED: tl.constexpr, OUT_ALIGNED: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    EPILOGUE_SUBTILES: tl.constexpr, TMA: tl.constexpr = False,
+    EPILOGUE_SUBTILES: tl.constexpr, TMA: tl.constexpr,
 ):
-    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    pid_k = tl.program_id(1)
+    """Output tile ``tile_id`` (GROUP_M-swizzled) of split ``pid_k``: the main loop and the epilogue, or the
+    raw partial sums with SPLIT_K > 1. _gemm_kernel's arguments, as documented there."""
+    pid_m, pid_n = grouped_tile(tile_id, M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     k_per_split = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
@@ -564,6 +572,54 @@ def _gemm_kernel(
                    out_rows_inner, out_cols_inner, stride_o0, stride_o1, stride_o2, stride_o3,
                    stride_r0, stride_r1, stride_r2, stride_r3,
                    ACTIVATION, HAS_BIAS, HAS_SCALE, HAS_RESIDUAL, GLU, VIEW_4D, SPLIT_ROWS, OUT_ALIGNED)
+
+
+
+
+@triton.jit
+def _gemm_kernel(
+    A,  # (M, K) activations, or a (Mo, Mi, K) view with A_SPLIT_ROWS; any strides
+    W,  # (N, K) weight, or (2N, K) [gate | up] with GLU; nn.Linear layout, any strides
+    Out,  # output, addressed through the 4-D view (out_rows_inner, out_cols_inner, stride_o*)
+    Bias,  # (N,) or (2N,) with GLU; unused without HAS_BIAS
+    Scale,  # (N,) per-column scale (LayerScale); unused without HAS_SCALE
+    Res,  # residual, addressed like Out through its own strides; unused without HAS_RESIDUAL
+    Mean, Rstd,  # (M,) fp32 row statistics of A; unused without LN_PROLOGUE
+    LnW, LnB,  # (K,) LayerNorm weight and bias; unused without LN_PROLOGUE
+    Ws, WsUp,  # (SPLIT_K, M, N) fp32 partial sums (of the up half with GLU); unused when SPLIT_K == 1
+    ADesc, WDesc,  # with TMA: tensor descriptors of A (2-D) and W, blocks [BLOCK_M or BLOCK_N, BLOCK_K]; else unused
+    M, N, K,
+    a_rows_inner, stride_a0,  # A_SPLIT_ROWS: rows per batch of A and the batch stride
+    stride_am, stride_ak, stride_wn, stride_wk,
+    out_rows_inner, out_cols_inner, stride_o0, stride_o1, stride_o2, stride_o3,
+    stride_r0, stride_r1, stride_r2, stride_r3,
+    glu_offset,  # row offset of the up half of W (= N) with GLU
+    ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    LN_PROLOGUE: tl.constexpr, GLU: tl.constexpr, SPLIT_K: tl.constexpr, VIEW_4D: tl.constexpr,
+    SPLIT_ROWS: tl.constexpr, A_SPLIT_ROWS: tl.constexpr,
+    ALIGNED: tl.constexpr, OUT_ALIGNED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    EPILOGUE_SUBTILES: tl.constexpr, TMA: tl.constexpr = False, PERSISTENT: tl.constexpr = False,
+):
+    """One output tile a program, or with PERSISTENT (TMA tiles, SPLIT_K 1) as many programs as the GPU has SMs,
+    each walking the tiles pid, pid + programs, ...: one flattened loop over tiles and K steps, which the
+    compiler pipelines across tile boundaries, so the next tile's first loads overlap this tile's epilogue."""
+    if PERSISTENT:
+        num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+        for tile_id in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=True):
+            gemm_tile(tile_id, 0, A, W, Out, Bias, Scale, Res, Mean, Rstd, LnW, LnB, Ws, WsUp, ADesc, WDesc, M, N, K,
+                a_rows_inner, stride_a0, stride_am, stride_ak, stride_wn, stride_wk, out_rows_inner, out_cols_inner,
+                stride_o0, stride_o1, stride_o2, stride_o3, stride_r0, stride_r1, stride_r2, stride_r3, glu_offset,
+                ACTIVATION, HAS_BIAS, HAS_SCALE, HAS_RESIDUAL, LN_PROLOGUE, GLU, SPLIT_K, VIEW_4D, SPLIT_ROWS,
+                A_SPLIT_ROWS, ALIGNED, OUT_ALIGNED, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
+                EPILOGUE_SUBTILES, TMA)
+    else:
+        gemm_tile(tl.program_id(0), tl.program_id(1), A, W, Out, Bias, Scale, Res, Mean, Rstd, LnW, LnB, Ws, WsUp,
+            ADesc, WDesc, M, N, K, a_rows_inner, stride_a0, stride_am, stride_ak, stride_wn, stride_wk,
+            out_rows_inner, out_cols_inner, stride_o0, stride_o1, stride_o2, stride_o3, stride_r0, stride_r1,
+            stride_r2, stride_r3, glu_offset, ACTIVATION, HAS_BIAS, HAS_SCALE, HAS_RESIDUAL, LN_PROLOGUE, GLU,
+            SPLIT_K, VIEW_4D, SPLIT_ROWS, A_SPLIT_ROWS, ALIGNED, OUT_ALIGNED, DOT_PRECISION, BLOCK_M, BLOCK_N,
+            BLOCK_K, GROUP_M, EPILOGUE_SUBTILES, TMA)
 
 
 @triton.jit
@@ -875,11 +931,17 @@ def gemm(
     mainloop = dict(LN_PROLOGUE=mean is not None, A_SPLIT_ROWS=a.dim() == 3, ALIGNED=aligned,
                     DOT_PRECISION=FP32_DOT_PRECISION if a.dtype == torch.float32 else "tf32")  # 16-bit: ignored
     tma_ready = _tma_ready(a, weight, ln_prologue=mean is not None)
-    grid = lambda meta: (cdiv(m, meta["BLOCK_M"]) * cdiv(n, meta["BLOCK_N"]), split_k)  # noqa: E731
+
+    def grid(meta: dict) -> tuple[int, int]:  # a program per tile and split, or per SM (PERSISTENT)
+        tiles = cdiv(m, meta["BLOCK_M"]) * cdiv(n, meta["BLOCK_N"])
+        return (min(tiles, _persistent_programs(out)) if meta.get("PERSISTENT") else tiles), split_k
+
     if config is not None:
         if config.tma and not tma_ready:
             raise ValueError("a TMA config needs 16-bit a and weight with unit K stride and 16-byte aligned rows, "
                              "a 2-D (evenly strided) a, K > 0 and no LayerNorm prologue")
+        if config.persistent and (not config.tma or split_k > 1 or view_4d):
+            raise ValueError("a persistent config needs tma=True, split_k=1 and no 4-D output view")
         _gemm_kernel[grid(config.meta())](*_with_descriptors(args, config.meta()), **epilogue, **mainloop,
                                           **config.meta(), num_warps=config.num_warps,
                                           num_stages=config.num_stages, **LAUNCH_OPTIONS)
@@ -897,8 +959,10 @@ def gemm(
         else:
             variants = [(_tuned_kernel(*flags, arch=arch), args)]
             if tma:  # placeholder blocks: each TMA config's pre_hook sets its own
-                variants.append((_tuned_kernel(*flags, arch=arch, tma=True),
-                                 _with_descriptors(args, {"TMA": True, "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64})))
+                tma_args = _with_descriptors(args, {"TMA": True, "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64})
+                variants.append((_tuned_kernel(*flags, arch=arch, tma=True), tma_args))
+                if split_k == 1 and not view_4d:
+                    variants.append((_tuned_kernel(*flags, arch=arch, tma=True, persistent=True), tma_args))
             tile, launched = _tune(out, variants, key, grid, meta, in_place)
         if launched:
             pass
@@ -968,6 +1032,20 @@ def _tma_ready(a: torch.Tensor, weight: torch.Tensor, ln_prologue: bool) -> bool
             and a.stride(1) == 1 and weight.stride(1) == 1 and _rows_aligned(a) and _rows_aligned(weight))
 
 
+def _persistent_programs(out: torch.Tensor) -> int:
+    """Programs of a persistent GEMM: one per SM of out's GPU; under the interpreter a few, so that each walks
+    several tiles."""
+    return _sm_count(out.get_device()) if out.is_cuda else INTERPRETER_PERSISTENT_PROGRAMS
+
+
+INTERPRETER_PERSISTENT_PROGRAMS = 3
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 # The first GPU architecture with TMA (Hopper, sm_90); Triton lowers descriptor loads to pointers before it.
 TMA_MIN_ARCH = (9, 0)
 _DESCRIPTORS = slice(12, 14)  # where ADesc and WDesc sit in _gemm_kernel's arguments
@@ -1025,7 +1103,8 @@ def gemm_aot_spec(name: str, dtype: torch.dtype, config: GemmConfig, *, activati
         "HAS_RESIDUAL": has_residual, "LN_PROLOGUE": ln_prologue, "GLU": glu, "SPLIT_K": split_k,
         "VIEW_4D": view_4d, "SPLIT_ROWS": split_rows, "A_SPLIT_ROWS": a_split_rows, "ALIGNED": True,
         "OUT_ALIGNED": True,
-        "DOT_PRECISION": FP32_DOT_PRECISION if dtype == torch.float32 else "tf32", "TMA": False, **config.meta(),
+        "DOT_PRECISION": FP32_DOT_PRECISION if dtype == torch.float32 else "tf32", "TMA": False, "PERSISTENT": False,
+        **config.meta(),
     }
     signature.update({key: "constexpr" for key in constexprs})
     c = config
@@ -1036,6 +1115,7 @@ def gemm_aot_spec(name: str, dtype: torch.dtype, config: GemmConfig, *, activati
                           "WDesc": f"tensordesc<{t}[{c.block_n}, {c.block_k}]>"})
     label = f"{name}_{t}_{c.block_m}x{c.block_n}x{c.block_k}_w{c.num_warps}s{c.num_stages}"
     label += (f"_sub{c.epilogue_subtiles}" if c.epilogue_subtiles > 1 else "") + ("_tma" if c.tma else "")
+    label += "_persistent" if c.persistent else ""
     return KernelSpec(name=label, fn=_gemm_kernel, signature=signature, constexprs=constexprs, num_warps=c.num_warps,
                       num_stages=c.num_stages, needs_wgmma=dtype != torch.float32, needs_tma=c.tma,
                       min_arch=90 if c.tma else 0)
@@ -1048,6 +1128,8 @@ def gemm_aot_specs(name: str, **flags) -> list:
     configs = gemm_configs(glu, prologue, False, view_4d)
     if not (prologue or flags.get("a_split_rows", False)):  # the TMA tiles too, where A can have descriptors
         configs += gemm_configs(glu, False, False, view_4d, tma=True)
+        if flags.get("split_k", 1) == 1 and not view_4d:
+            configs += gemm_configs(glu, False, False, view_4d, tma=True, persistent=True)
     return ([gemm_aot_spec(name, torch.bfloat16, c, **flags) for c in configs]
             + [gemm_aot_spec(name, torch.float16, configs[0], **flags)])
 

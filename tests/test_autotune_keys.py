@@ -29,10 +29,13 @@ def autotuners():
                 for view_4d in (False, True):
                     for restore_out in (False, True):
                         yield ("gemm", gemm._tuned_kernel(glu, ln_prologue, fp32, view_4d, restore_out),
-                               fixed_by_dtype | {"GLU", "LN_PROLOGUE", "VIEW_4D", "TMA"}, {"M", "N", "SPLIT_K"})
-                    if not (ln_prologue or fp32):  # the TMA tiles' own autotuner (TMA set in each config)
-                        yield ("gemm", gemm._tuned_kernel(glu, ln_prologue, fp32, view_4d, tma=True),
-                               fixed_by_dtype | {"GLU", "LN_PROLOGUE", "VIEW_4D"}, {"M", "N", "SPLIT_K"})
+                               fixed_by_dtype | {"GLU", "LN_PROLOGUE", "VIEW_4D", "TMA", "PERSISTENT"},
+                               {"M", "N", "SPLIT_K"})
+                    # the TMA tiles' autotuners (persistent ones not for the 4-D output view)
+                    for persistent in ([] if ln_prologue or fp32 else [False] if view_4d else [False, True]):
+                        yield ("gemm", gemm._tuned_kernel(glu, ln_prologue, fp32, view_4d, tma=True,
+                                                          persistent=persistent),
+                               fixed_by_dtype | {"GLU", "LN_PROLOGUE", "VIEW_4D", "PERSISTENT"}, {"M", "N", "SPLIT_K"})
     for fp32 in (False, True):
         yield "grid_mask", mask_logits._tuned_grid_mask_kernel(fp32), fixed_by_dtype, {"B", "P", "Q"}
         yield "patch_embed", patch_embed._tuned_kernel(fp32), fixed_by_dtype, {"M", "N"}

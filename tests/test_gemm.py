@@ -9,6 +9,8 @@ import os
 import subprocess
 import sys
 
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -138,10 +140,25 @@ TMA_CASES = [
 ]
 
 
+# Persistent: G.INTERPRETER_PERSISTENT_PROGRAMS (3) programs walk the tiles, 2 to 10 each here.
+PERSISTENT_CONFIG = replace(TMA_CONFIG, persistent=True)
+
+
+@pytest.mark.parametrize("config", [TMA_CONFIG, PERSISTENT_CONFIG], ids=["tma", "tma_persistent"])
 @pytest.mark.parametrize("case", TMA_CASES, ids=case_id)
-def test_gemm_tma_tiles(case):
+def test_gemm_tma_tiles(case, config):
     m, k, n, flags = case
-    check_gemm(m, k, n, torch.float16, {"bias": True, **flags}, config=TMA_CONFIG)
+    check_gemm(m, k, n, torch.float16, {"bias": True, **flags}, config=config)
+
+
+def test_gemm_persistent_tiles_cover_more_tiles_than_programs():
+    """600 x 200 in 64 x 64 tiles: 40 tiles for 3 programs, the last ones partial in both directions."""
+    assert G.INTERPRETER_PERSISTENT_PROGRAMS < 40
+    check_gemm(600, 48, 200, torch.float16, dict(bias=True, scale=True, residual=True), config=PERSISTENT_CONFIG)
+    with pytest.raises(ValueError, match="persistent config needs"):
+        check_gemm(70, 48, 40, torch.float16, dict(bias=True), config=PERSISTENT_CONFIG, split_k=2)
+    with pytest.raises(ValueError, match="persistent config needs"):
+        check_gemm(70, 48, 40, torch.float16, dict(bias=True), config=replace(PERSISTENT_CONFIG, tma=False))
 
 
 @pytest.mark.parametrize("split_k", [2, 3])  # 3 over K = 160: splits of 64, 64 and 32
@@ -400,15 +417,20 @@ class TimedFakeTuner(FakeTuner):
 
 
 @pytest.mark.parametrize("in_place", [False, True], ids=["functional", "in_place"])
-@pytest.mark.parametrize("tma_ms", [0.5, 2.0], ids=["tma_faster", "tma_slower"])
-def test_tma_tiles_are_timed_against_the_pointer_tiles(monkeypatch, tma_ms, in_place):
-    """On a GPU with TMA (faked: sm_90) the launcher runs both autotuners, the TMA one with descriptors, and keeps
-    the faster tile by their median times; a later call launches it directly (descriptors only for a TMA tile).
-    The result is the chosen tile's either way: when the other variant ran last on out, the choice runs again."""
-    pointer_tile = G.triton.Config(G.INTERPRETER_CONFIG.meta(), num_warps=4, num_stages=1)
-    tma_tile = G.triton.Config({**G.INTERPRETER_CONFIG.meta(), "TMA": True}, num_warps=4, num_stages=1)
-    tuners = {False: TimedFakeTuner(pointer_tile, 1.0), True: TimedFakeTuner(tma_tile, tma_ms)}
-    monkeypatch.setattr(G, "_tuned_kernel", lambda *flags, restore_out=False, arch=None, tma=False: tuners[tma])
+@pytest.mark.parametrize("winner", ["pointer", "tma", "persistent"])
+def test_tma_tiles_are_timed_against_the_pointer_tiles(monkeypatch, winner, in_place):
+    """On a GPU with TMA (faked: sm_90) the launcher runs the three autotuners (pointer tiles, TMA tiles, persistent
+    TMA tiles; the last two with descriptors) and keeps the fastest tile by their median times; a later call
+    launches it directly (descriptors only for a TMA tile). The result is the chosen tile's either way: when
+    another variant ran last on out, the choice runs again."""
+    base = G.INTERPRETER_CONFIG.meta()
+    tiles = {"pointer": G.triton.Config(base, num_warps=4, num_stages=1),
+             "tma": G.triton.Config({**base, "TMA": True}, num_warps=4, num_stages=1),
+             "persistent": G.triton.Config({**base, "TMA": True, "PERSISTENT": True}, num_warps=4, num_stages=1)}
+    tuners = {(name != "pointer", name == "persistent"): TimedFakeTuner(tile, 0.5 if name == winner else 1.0)
+              for name, tile in tiles.items()}
+    monkeypatch.setattr(G, "_tuned_kernel", lambda *flags, restore_out=False, arch=None, tma=False, persistent=False:
+                        tuners[tma, persistent])
     monkeypatch.setattr(G, "gpu_arch", lambda t: G.TMA_MIN_ARCH)
     monkeypatch.setattr(G, "_TILES", {})
     launched = []
@@ -417,7 +439,7 @@ def test_tma_tiles_are_timed_against_the_pointer_tiles(monkeypatch, tma_ms, in_p
     class CountingKernel:  # the direct launches of a chosen tile
         def __getitem__(self, grid):
             def launch(*args, **meta):
-                launched.append(meta.get("TMA", False))
+                launched.append((meta.get("TMA", False), meta.get("PERSISTENT", False)))
                 assert isinstance(args[12], G.TensorDescriptor) == bool(meta.get("TMA"))
                 return real_kernel[grid](*args, **meta)
             return launch
@@ -431,19 +453,18 @@ def test_tma_tiles_are_timed_against_the_pointer_tiles(monkeypatch, tma_ms, in_p
         G.gemm(a, w, bias, scale=scale, residual=out if in_place else residual, out=out)
         exact = gemm_ref(a.double(), w.double(), bias.double(), scale=scale.double(), residual=residual.double())
         assert_close(out, gemm_ref(a, w, bias, scale=scale, residual=residual), exact)
-    assert [len(t.launches) for t in tuners.values()] == [1, 1], "each variant tuned once"
-    assert isinstance(tuners[True].launches[0][12], G.TensorDescriptor)
-    assert not isinstance(tuners[False].launches[0][12], G.TensorDescriptor)
+    assert [len(t.launches) for t in tuners.values()] == [1, 1, 1], "each variant tuned once"
+    assert [isinstance(t.launches[0][12], G.TensorDescriptor) for t in tuners.values()] == [False, True, True]
     if in_place:  # tuned on scratch outputs, then the winner launched on out
         assert all(t.launches[0][2] is not out for t in tuners.values())
-    chose_tma = tma_ms < 1.0
-    assert list(G._TILES.values()) == [tma_tile if chose_tma else pointer_tile]
-    # the first call launches the choice again unless out already holds it (the TMA tuner ran last, on out)
-    first = [] if (chose_tma and not in_place) else [chose_tma]
-    assert launched == first + [chose_tma]
+    assert list(G._TILES.values()) == [tiles[winner]]
+    # the first call launches the choice again unless out already holds it (the persistent tuner ran last, on out)
+    flags = (winner != "pointer", winner == "persistent")
+    assert launched == ([] if winner == "persistent" and not in_place else [flags]) + [flags]
     (line,) = G.tuned_tiles()  # what bench/ prints under the timings
     assert line.startswith("gemm M70 N48 K64 float16 sm90") and "tma-ready" in line
-    assert line.endswith("-> 64x64x64 w4s1" + (" TMA" if chose_tma else "")) and ("in-place" in line) == in_place
+    suffix = {"pointer": "", "tma": " TMA", "persistent": " TMA persistent"}[winner]
+    assert line.endswith("-> 64x64x64 w4s1" + suffix) and ("in-place" in line) == in_place
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
@@ -578,11 +599,12 @@ def _config_cases():
     for glu in (False, True):
         for prologue in (False, True):
             for fp32 in (False, True):
-                tma = [] if prologue or fp32 else G.gemm_configs(glu, tma=True)  # the TMA tiles (sm_90+)
+                tma = [] if prologue or fp32 else [*G.gemm_configs(glu, tma=True),  # the TMA tiles (sm_90+)
+                                                   *G.gemm_configs(glu, tma=True, persistent=True)]
                 for c in [*G.gemm_configs(glu, prologue, fp32), *tma]:
                     flags = f"{'fp32' if fp32 else 'bf16'}{'-glu' if glu else ''}{'-prologue' if prologue else ''}"
                     tile = f"{c.block_m}x{c.block_n}x{c.block_k}-w{c.num_warps}s{c.num_stages}-sub{c.epilogue_subtiles}"
-                    tile += "-tma" if c.tma else ""
+                    tile += ("-tma" if c.tma else "") + ("-persistent" if c.persistent else "")
                     label = f"{flags}-{tile}"
                     cases.append(pytest.param(glu, prologue, fp32, c, id=label))
     return cases
