@@ -259,6 +259,7 @@ def _tune(out: torch.Tensor, variants: list, key: tuple, grid: Callable, meta: d
         if key in _TILES:  # another thread tuned it while this one waited
             return _TILES[key], False
         best = best_time = last_run = None
+        times = _VARIANT_TIMES[key] = {}
         for tuned, args in variants:
             if len(tuned.configs) == 1:  # nothing to benchmark (the interpreter)
                 tile, time = tuned.configs[0], None
@@ -268,7 +269,7 @@ def _tune(out: torch.Tensor, variants: list, key: tuple, grid: Callable, meta: d
                 tile = getattr(tuned, "best_config", None)  # None (remembered too): the restoring autotuner
                 if tile is None:
                     break
-                time = _median_time(tuned, tile)
+                time = times[_variant(tile)] = _median_time(tuned, tile)
                 last_run = None if in_place else tile  # what out now holds
             if best is None or (time is not None and best_time is not None and time < best_time):
                 best, best_time = tile, time
@@ -279,9 +280,17 @@ def _tune(out: torch.Tensor, variants: list, key: tuple, grid: Callable, meta: d
     return None, False
 
 
+_VARIANT_TIMES: dict[tuple, dict[str, float | None]] = {}  # key -> {variant: its best tile's median ms}
+
+
+def _variant(tile) -> str:
+    return "persistent" if tile.kwargs.get("PERSISTENT") else "TMA" if tile.kwargs.get("TMA") else "pointer"
+
+
 def tuned_tiles() -> list[str]:
-    """The tile chosen for each GEMM call shape tuned so far in this process, a line each (``bench/`` prints
-    them under each kernel's timings: which tile, pointer or TMA, won where)."""
+    """The tile chosen for each GEMM call shape tuned so far in this process, a line each, with the median time
+    of each variant's best tile as its autotuner measured it (``bench/`` prints them under each kernel's
+    timings: which tile, pointer, TMA or persistent, won where, and by how much)."""
     lines = []
     for key, tile in list(_TILES.items()):
         glu, prologue, _, view_4d, arch, tma, in_place, m, n, k, dtype = key[:11]
@@ -291,8 +300,9 @@ def tuned_tiles() -> list[str]:
             f"{tile.kwargs['BLOCK_M']}x{tile.kwargs['BLOCK_N']}x{tile.kwargs['BLOCK_K']} w{tile.num_warps}"
             f"s{tile.num_stages}{' TMA' if tile.kwargs.get('TMA') else ''}"
             f"{' persistent' if tile.kwargs.get('PERSISTENT') else ''}")
+        times = ", ".join(f"{name} {ms:.4g} ms" for name, ms in _VARIANT_TIMES.get(key, {}).items() if ms is not None)
         lines.append(f"gemm M{m} N{n} K{k} {str(dtype).removeprefix('torch.')} sm{''.join(map(str, arch or ()))} "
-                     f"{' '.join(flags)} -> {chosen}")
+                     f"{' '.join(flags)} -> {chosen}" + (f" ({times})" if times else ""))
     return lines
 
 

@@ -433,6 +433,7 @@ def test_tma_tiles_are_timed_against_the_pointer_tiles(monkeypatch, winner, in_p
                         tuners[tma, persistent])
     monkeypatch.setattr(G, "gpu_arch", lambda t: G.TMA_MIN_ARCH)
     monkeypatch.setattr(G, "_TILES", {})
+    monkeypatch.setattr(G, "_VARIANT_TIMES", {})
     launched = []
     real_kernel = G._gemm_kernel
 
@@ -464,6 +465,8 @@ def test_tma_tiles_are_timed_against_the_pointer_tiles(monkeypatch, winner, in_p
     (line,) = G.tuned_tiles()  # what bench/ prints under the timings
     assert line.startswith("gemm M70 N48 K64 float16 sm90") and "tma-ready" in line
     suffix = {"pointer": "", "tma": " TMA", "persistent": " TMA persistent"}[winner]
+    times = {name: "0.5" if name.lower() == winner else "1" for name in ("pointer", "TMA", "persistent")}
+    suffix += f" (pointer {times['pointer']} ms, TMA {times['TMA']} ms, persistent {times['persistent']} ms)"
     assert line.endswith("-> 64x64x64 w4s1" + suffix) and ("in-place" in line) == in_place
 
 
