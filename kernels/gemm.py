@@ -234,6 +234,7 @@ def gemm_configs(glu: bool = False, ln_prologue: bool = False, fp32: bool = Fals
 # each other's best_config.
 _TILES: dict[tuple, triton.Config | None] = {}
 _TILES_LOCK = threading.Lock()
+_LAUNCH_KWARGS: dict[tuple, tuple] = {}  # key -> (tile, the keyword arguments of its direct launch: flags, tile, options)
 
 
 def _scratch_like(out: torch.Tensor) -> torch.Tensor:
@@ -785,34 +786,45 @@ def row_stats(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     return mean, rstd
 
 
-def _view_geometry(t: torch.Tensor, m: int, n: int, name: str) -> tuple[int, int, int, int, int, int]:
-    """(Mi, Ni, s0, s1, s2, s3) of a (M, N), (Mo, Mi, N) or (Mo, Mi, No, Ni) view of an M x N result."""
-    if t.dim() == 2:
-        shape, strides = (1, t.shape[0], 1, t.shape[1]), (0, t.stride(0), 0, t.stride(1))
-    elif t.dim() == 3:
-        shape, strides = (t.shape[0], t.shape[1], 1, t.shape[2]), (t.stride(0), t.stride(1), 0, t.stride(2))
-    elif t.dim() == 4:
-        shape, strides = tuple(t.shape), tuple(t.stride())
+def _view_geometry(shape: tuple, strides: tuple, m: int, n: int, name: str) -> tuple[int, int, int, int, int, int]:
+    """(Mi, Ni, s0, s1, s2, s3) of a (M, N), (Mo, Mi, N) or (Mo, Mi, No, Ni) view of an M x N result, from the
+    view's shape and strides."""
+    if len(shape) == 2:
+        shape4, strides4 = (1, shape[0], 1, shape[1]), (0, strides[0], 0, strides[1])
+    elif len(shape) == 3:
+        shape4, strides4 = (shape[0], shape[1], 1, shape[2]), (strides[0], strides[1], 0, strides[2])
+    elif len(shape) == 4:
+        shape4, strides4 = shape, strides
     else:
-        raise ValueError(f"{name} must be 2-D, 3-D or 4-D, got shape {tuple(t.shape)}")
-    if shape[0] * shape[1] != m or shape[2] * shape[3] != n:
-        raise ValueError(f"{name} of shape {tuple(t.shape)} does not hold an {m} x {n} result")
-    return (shape[1], shape[3], *strides)
+        raise ValueError(f"{name} must be 2-D, 3-D or 4-D, got shape {shape}")
+    if shape4[0] * shape4[1] != m or shape4[2] * shape4[3] != n:
+        raise ValueError(f"{name} of shape {shape} does not hold an {m} x {n} result")
+    return (shape4[1], shape4[3], *strides4)
 
 
 def _output_geometry(out: torch.Tensor, residual: torch.Tensor | None, m: int, n: int):
     """How the kernel addresses out and the residual: (out geometry, residual strides, VIEW_4D, SPLIT_ROWS).
+    A function of their shapes and strides only, computed once per layout (``_geometry``): an eager forward
+    asks ~100 times with the same few."""
+    res = (tuple(residual.shape), residual.stride()) if residual is not None else (None, None)
+    return _geometry(tuple(out.shape), out.stride(), *res, m, n)
+
+
+@functools.lru_cache(maxsize=1024)
+def _geometry(out_shape: tuple, out_strides: tuple, res_shape: tuple | None, res_strides: tuple | None, m: int,
+              n: int):
+    """``_output_geometry`` from shapes and strides.
 
     Columns split (a 4-D view): both use the 4-D rule and must split M and N alike. Otherwise a tensor whose
     rows are evenly strided is addressed as 2-D, and when one of the two is not (a row slice of a bigger
     buffer), both are addressed as (m // Mi, m % Mi): the evenly strided one with batch stride Mi * row stride.
     """
-    out_geom = _view_geometry(out, m, n, "out")
-    res_geom = _view_geometry(residual, m, n, "residual") if residual is not None else None
+    out_geom = _view_geometry(out_shape, out_strides, m, n, "out")
+    res_geom = _view_geometry(res_shape, res_strides, m, n, "residual") if res_shape is not None else None
     geoms = [g for g in (out_geom, res_geom) if g is not None]
     if any(g[1] != n for g in geoms):  # columns split: the 4-D rule for both
         if res_geom is not None and res_geom[:2] != out_geom[:2]:
-            raise ValueError(f"residual {tuple(residual.shape)} and out {tuple(out.shape)} must split M and N alike")
+            raise ValueError(f"residual {res_shape} and out {out_shape} must split M and N alike")
         return out_geom, res_geom[2:] if res_geom is not None else (0, 0, 0, 0), True, False
     even = [_row_stride((m // g[0] if g[0] else 0, g[0]), (g[2], g[3])) for g in geoms]
     if all(stride is not None for stride in even):
@@ -821,12 +833,12 @@ def _output_geometry(out: torch.Tensor, residual: torch.Tensor | None, m: int, n
     else:
         inner = {g[0] for g, stride in zip(geoms, even) if stride is None}
         if len(inner) > 1:
-            raise ValueError(f"residual {tuple(residual.shape)} and out {tuple(out.shape)} split their rows "
+            raise ValueError(f"residual {res_shape} and out {out_shape} split their rows "
                              "differently and neither has evenly strided rows")
         mi = inner.pop()
         geoms = [g if stride is None else (mi, n, mi * stride, stride, 0, g[5]) for g, stride in zip(geoms, even)]
         split_rows = True
-    return geoms[0], geoms[1][2:] if residual is not None else (0, 0, 0, 0), False, split_rows
+    return geoms[0], geoms[1][2:] if res_shape is not None else (0, 0, 0, 0), False, split_rows
 
 
 @on_input_device
@@ -920,7 +932,8 @@ def gemm(
         workspace = torch.empty((1 + glu, split_k, m, n), dtype=torch.float32, device=a.device)
     # The alignment facts the JIT would derive from divisible arguments, passed explicitly (see
     # gemm_mainloop): then an ahead-of-time compile sees the same kernel as the GPU.
-    aligned = k % 16 == 0 and _rows_aligned(a) and _rows_aligned(weight)
+    operands_aligned = _rows_aligned(a) and _rows_aligned(weight)
+    aligned = k % 16 == 0 and operands_aligned
     out_aligned = n % 16 == 0 and (view_4d or (_rows_aligned(out) and (residual is None or _rows_aligned(residual))))
     epilogue = dict(
         ACTIVATION=ACTIVATIONS[activation], HAS_BIAS=bias is not None, HAS_SCALE=scale is not None,
@@ -940,7 +953,7 @@ def gemm(
     )
     mainloop = dict(LN_PROLOGUE=mean is not None, A_SPLIT_ROWS=a.dim() == 3, ALIGNED=aligned,
                     DOT_PRECISION=FP32_DOT_PRECISION if a.dtype == torch.float32 else "tf32")  # 16-bit: ignored
-    tma_ready = _tma_ready(a, weight, ln_prologue=mean is not None)
+    tma_ready = _tma_ready(a, weight, ln_prologue=mean is not None, rows_aligned=operands_aligned)
 
     def grid(meta: dict) -> tuple[int, int]:  # a program per tile and split, or per SM (PERSISTENT)
         tiles = cdiv(m, meta["BLOCK_M"]) * cdiv(n, meta["BLOCK_N"])
@@ -977,8 +990,11 @@ def gemm(
         if launched:
             pass
         elif tile is not None:
-            _gemm_kernel[grid(tile.kwargs)](*_with_descriptors(args, tile.kwargs), **meta, **tile.all_kwargs(),
-                                            **LAUNCH_OPTIONS)
+            made_for, launch = _LAUNCH_KWARGS.get(key, (None, None))
+            if made_for is not tile:  # the same for every call of the key and tile (meta's values are in the key)
+                launch = {**meta, **tile.all_kwargs(), **LAUNCH_OPTIONS}
+                _LAUNCH_KWARGS[key] = (tile, launch)
+            _gemm_kernel[grid(tile.kwargs)](*_with_descriptors(args, tile.kwargs), **launch)
         else:  # a Triton that does not say which tile won: its autotuner, restoring out after each trial
             _tuned_kernel(*flags, restore_out=in_place, arch=arch)[grid](*args, **meta, **LAUNCH_OPTIONS)
     if split_k > 1:
@@ -1034,12 +1050,12 @@ def with_out(functional: Callable, into: Callable, reference: Callable) -> Calla
     return op
 
 
-def _tma_ready(a: torch.Tensor, weight: torch.Tensor, ln_prologue: bool) -> bool:
+def _tma_ready(a: torch.Tensor, weight: torch.Tensor, ln_prologue: bool, rows_aligned: bool) -> bool:
     """Whether TMA descriptors can read a and weight: 16-bit, a 2-D (rows evenly strided), unit K stride,
-    16-byte aligned bases and row strides (the copy engine's rules), K > 0; the LN prologue normalises A in
-    registers and keeps the pointer loads."""
-    return (a.dtype in (torch.float16, torch.bfloat16) and a.dim() == 2 and not ln_prologue and a.shape[1] > 0
-            and a.stride(1) == 1 and weight.stride(1) == 1 and _rows_aligned(a) and _rows_aligned(weight))
+    16-byte aligned bases and row strides (the copy engine's rules; ``rows_aligned``: _rows_aligned of both),
+    K > 0; the LN prologue normalises A in registers and keeps the pointer loads."""
+    return (rows_aligned and a.dtype in (torch.float16, torch.bfloat16) and a.dim() == 2 and not ln_prologue
+            and a.shape[1] > 0 and a.stride(1) == 1 and weight.stride(1) == 1)
 
 
 def _persistent_programs(out: torch.Tensor) -> int:
@@ -1077,7 +1093,13 @@ def _vector(t: torch.Tensor | None) -> torch.Tensor | None:
 
 def _rows_aligned(t: torch.Tensor) -> bool:
     """Every row of a 2-D (or last-two-dims) tensor starts on a 16-byte boundary."""
-    return t.data_ptr() % 16 == 0 and all((st * t.element_size()) % 16 == 0 for st in t.stride()[:-1])
+    if t.data_ptr() % 16:
+        return False
+    size = t.element_size()
+    for stride in t.stride()[:-1]:
+        if stride * size % 16:
+            return False
+    return True
 
 
 # ---- ahead-of-time compile checks (eomt-fast check-kernels) ------------------------------------------
