@@ -39,7 +39,9 @@
 #   attention      bench/bench_attention.py        (EoMT-L/640 shapes: --filter eomt-l-640; SDPA backends,
 #                                                   the dense mask, FlexAttention with a block mask, Triton)
 #   mlp            bench/bench_layernorm_mlp.py    (EoMT-L/640 shapes)
-#   linear         bench/bench_linear.py           (EoMT-L/640 shapes)
+#   linear         bench/bench_linear.py           (EoMT-L/640 shapes; both print, under each kernel, the GEMM tile
+#                                                   chosen per shape and each variant's best time: pointer loads,
+#                                                   TMA, persistent TMA: "gemm M1805 N3072 K1024 ... -> ... (...)")
 #   masks          bench/bench_mask_logits.py and bench/bench_upscale.py (EoMT-L/640 shapes)
 #   predict        bench/bench_predict.py: the final predict() and a masked layer's mask, eomt_fast's op
 #                  sequence against the reference ops (eager, max-autotune) and transformers' way (EoMT-L/640)

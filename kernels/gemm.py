@@ -85,6 +85,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -971,7 +972,7 @@ def gemm(
     else:
         flags = (glu, mean is not None, a.dtype == torch.float32, view_4d)
         arch = gpu_arch(out)
-        tma = tma_ready and arch is not None and arch >= TMA_MIN_ARCH  # TMA tiles timed against the others
+        tma = TMA_TILES and tma_ready and arch is not None and arch >= TMA_MIN_ARCH  # timed against the others
         meta = {**epilogue, **mainloop}
         in_place = in_place and split_k == 1  # (with split-K the GEMM writes the workspace, not out)
         key = (*flags, arch, tma, in_place, m, n, k, a.dtype, weight.dtype, out.dtype, bias_.dtype, scale_.dtype,
@@ -1074,6 +1075,9 @@ def _sm_count(index: int) -> int:
 
 # The first GPU architecture with TMA (Hopper, sm_90); Triton lowers descriptor loads to pointers before it.
 TMA_MIN_ARCH = (9, 0)
+# EOMT_FAST_GEMM_TMA=0 in the environment (read at import) keeps the autotuned GEMMs on the pointer tiles: the
+# TMA and persistent tiles are new and were compiled and interpreted, not yet run, before their first GPU run.
+TMA_TILES = os.environ.get("EOMT_FAST_GEMM_TMA", "1").strip().lower() not in ("0", "false", "off", "no")
 _DESCRIPTORS = slice(12, 14)  # where ADesc and WDesc sit in _gemm_kernel's arguments
 
 

@@ -408,6 +408,27 @@ def test_functional_calls_are_tuned_once_then_launched_directly(monkeypatch):
     assert len(tuner.launches) == 2 and len(G._TILES) == 2  # one tuning launch per shape
 
 
+def test_tma_tiles_can_be_switched_off(monkeypatch):
+    """EOMT_FAST_GEMM_TMA=0 (G.TMA_TILES False): on a GPU with TMA (faked) only the pointer tiles are tuned."""
+    asked = []
+
+    def tuned_kernel(*flags, restore_out=False, arch=None, tma=False, persistent=False):
+        asked.append((tma, persistent))
+        return FakeTuner(G.triton.Config(G.INTERPRETER_CONFIG.meta(), num_warps=4, num_stages=1))
+
+    monkeypatch.setattr(G, "_tuned_kernel", tuned_kernel)
+    monkeypatch.setattr(G, "gpu_arch", lambda t: G.TMA_MIN_ARCH)
+    monkeypatch.setattr(G, "_TILES", {})
+    monkeypatch.setattr(G, "TMA_TILES", False)
+    a, w = torch.randn(70, 64).half(), (torch.randn(48, 64) * 0.1).half()
+    torch.testing.assert_close(G.gemm(a, w), F.linear(a.float(), w.float()).half(), rtol=2e-3, atol=2e-3)
+    assert asked == [(False, False)]
+    env = {**os.environ, "EOMT_FAST_GEMM_TMA": "0"}
+    code = "from eomt_fast.kernels import gemm; print(gemm.TMA_TILES)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert result.stdout.strip() == "False", result.stderr[-2000:]
+
+
 class TimedFakeTuner(FakeTuner):
     """A FakeTuner that also reports the median time it measured for its choice, as Triton's configs_timings."""
 
