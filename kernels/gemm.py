@@ -251,27 +251,41 @@ def _scratch_like(out: torch.Tensor) -> torch.Tensor:
 @on_input_device
 def _tune(out: torch.Tensor, variants: list, key: tuple, grid: Callable, meta: dict, in_place: bool):
     """(the tile of ``key``, whether this call already launched the kernel with it). ``variants``: (autotuner,
-    its launch arguments) pairs, the pointer tiles first and the TMA tiles where the operands allow them. The
-    first call of a key runs each autotuner, which benchmarks its configs: on ``out`` itself, where that call's
-    result is then there, or for an ``in_place`` call on a scratch output of out's shape and strides (``args``
-    with Out replaced; the residual still reads out), so that out is written once, by the chosen tile. The
-    fastest tile by the autotuners' own median times wins; a variant that did not time its tiles (one config,
-    the interpreter) never displaces the first."""
+    its launch arguments) pairs, the pointer tiles first, then the TMA and persistent tiles where the operands
+    allow them. The first call of a key runs each autotuner, which benchmarks its configs: on ``out`` itself,
+    where that call's result is then there, or for an ``in_place`` call on a scratch output of out's shape and
+    strides (``args`` with Out replaced; the residual still reads out), so that out is written once, by the
+    chosen tile. The fastest tile by the autotuners' own median times wins; a variant that did not time its
+    tiles (one config, the interpreter) never displaces the first. A later variant that fails (every tile
+    out of resources on a GPU with less shared memory, a descriptor the driver refuses) is skipped and
+    reported by ``tuned_tiles``; the pointer tiles' errors propagate."""
     with _TILES_LOCK:
         if key in _TILES:  # another thread tuned it while this one waited
             return _TILES[key], False
         best = best_time = last_run = None
         times = _VARIANT_TIMES[key] = {}
-        for tuned, args in variants:
+        for index, (tuned, args) in enumerate(variants):
+            name = _variant(tuned.configs[0])
             if len(tuned.configs) == 1:  # nothing to benchmark (the interpreter)
                 tile, time = tuned.configs[0], None
             else:
                 run_args = (*args[:2], _scratch_like(out), *args[3:]) if in_place else args
-                tuned[grid](*run_args, **meta, **LAUNCH_OPTIONS)
+                # Benchmarked afresh: Triton's autotuner skips a key it has seen (several of these keys share one
+                # of its keys: in place or not, TMA-ready or not) and would leave the last shape's timings.
+                getattr(tuned, "cache", {}).clear()
+                tuned.configs_timings = None
+                last_run = None  # out is being written by this variant (or, in place, untouched)
+                try:
+                    tuned[grid](*run_args, **meta, **LAUNCH_OPTIONS)
+                except Exception as error:  # noqa: BLE001 - any failure of an optional variant
+                    if index == 0:
+                        raise
+                    times[name] = f"failed ({type(error).__name__})"
+                    continue
                 tile = getattr(tuned, "best_config", None)  # None (remembered too): the restoring autotuner
                 if tile is None:
                     break
-                time = times[_variant(tile)] = _median_time(tuned, tile)
+                time = times[name] = _median_time(tuned, tile)
                 last_run = None if in_place else tile  # what out now holds
             if best is None or (time is not None and best_time is not None and time < best_time):
                 best, best_time = tile, time
@@ -282,7 +296,7 @@ def _tune(out: torch.Tensor, variants: list, key: tuple, grid: Callable, meta: d
     return None, False
 
 
-_VARIANT_TIMES: dict[tuple, dict[str, float | None]] = {}  # key -> {variant: its best tile's median ms}
+_VARIANT_TIMES: dict[tuple, dict[str, float | str | None]] = {}  # key -> {variant: best tile's median ms, or why not}
 
 
 def _variant(tile) -> str:
@@ -302,7 +316,8 @@ def tuned_tiles() -> list[str]:
             f"{tile.kwargs['BLOCK_M']}x{tile.kwargs['BLOCK_N']}x{tile.kwargs['BLOCK_K']} w{tile.num_warps}"
             f"s{tile.num_stages}{' TMA' if tile.kwargs.get('TMA') else ''}"
             f"{' persistent' if tile.kwargs.get('PERSISTENT') else ''}")
-        times = ", ".join(f"{name} {ms:.4g} ms" for name, ms in _VARIANT_TIMES.get(key, {}).items() if ms is not None)
+        times = ", ".join(f"{name} {ms:.4g} ms" if isinstance(ms, float) else f"{name} {ms}"
+                          for name, ms in _VARIANT_TIMES.get(key, {}).items() if ms is not None)
         lines.append(f"gemm M{m} N{n} K{k} {str(dtype).removeprefix('torch.')} sm{''.join(map(str, arch or ()))} "
                      f"{' '.join(flags)} -> {chosen}" + (f" ({times})" if times else ""))
     return lines
@@ -1052,11 +1067,13 @@ def with_out(functional: Callable, into: Callable, reference: Callable) -> Calla
 
 
 def _tma_ready(a: torch.Tensor, weight: torch.Tensor, ln_prologue: bool, rows_aligned: bool) -> bool:
-    """Whether TMA descriptors can read a and weight: 16-bit, a 2-D (rows evenly strided), unit K stride,
-    16-byte aligned bases and row strides (the copy engine's rules; ``rows_aligned``: _rows_aligned of both),
-    K > 0; the LN prologue normalises A in registers and keeps the pointer loads."""
+    """Whether TMA descriptors can read a and weight: 16-bit, a 2-D (rows evenly strided), unit K stride, rows
+    that do not overlap (no zero row stride of an expanded tensor), 16-byte aligned bases and row strides (the
+    copy engine's rules; ``rows_aligned``: _rows_aligned of both), K > 0; the LN prologue normalises A in
+    registers and keeps the pointer loads."""
     return (rows_aligned and a.dtype in (torch.float16, torch.bfloat16) and a.dim() == 2 and not ln_prologue
-            and a.shape[1] > 0 and a.stride(1) == 1 and weight.stride(1) == 1)
+            and a.shape[1] > 0 and a.stride(1) == 1 and weight.stride(1) == 1
+            and a.stride(0) >= a.shape[1] and weight.stride(0) >= weight.shape[1])
 
 
 def _persistent_programs(out: torch.Tensor) -> int:

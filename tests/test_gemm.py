@@ -190,6 +190,7 @@ def test_gemm_tma_refuses_what_descriptors_cannot_read():
         "the LN prologue": dict(a=torch.randn(4, 32, generator=g).half(), weight=w, ln=ln, ln_mode="prologue"),
         "a row-split A": dict(a=tokens[:, 2:], weight=w),
         "a transposed weight": dict(a=torch.randn(4, 32, generator=g).half(), weight=torch.randn(32, 16).half().t()),
+        "an expanded A (row stride 0)": dict(a=torch.randn(1, 32, generator=g).half().expand(4, 32), weight=w),
     }
     for name, kwargs in cases.items():
         with pytest.raises(ValueError, match="a TMA config needs"):
@@ -430,11 +431,24 @@ def test_tma_tiles_can_be_switched_off(monkeypatch):
 
 
 class TimedFakeTuner(FakeTuner):
-    """A FakeTuner that also reports the median time it measured for its choice, as Triton's configs_timings."""
+    """A FakeTuner that also reports the median time it measured for its choice, as Triton's configs_timings (set
+    by each benchmarking run), and keeps a cache that the launcher must clear; ``error``: its launch raises."""
 
-    def __init__(self, chosen, median_ms):
+    def __init__(self, chosen, median_ms, error=None):
         super().__init__(chosen)
-        self.configs_timings = {chosen: [median_ms, median_ms, median_ms]}
+        self.median_ms, self.error, self.cache = median_ms, error, {}
+
+    def __getitem__(self, grid):
+        launch = super().__getitem__(grid)
+
+        def timed(*args, **meta):
+            assert not self.cache, "benchmarked afresh: the autotuner's own cache cleared first"
+            if self.error is not None:
+                raise self.error
+            launch(*args, **meta)
+            self.cache["key"] = self.chosen
+            self.configs_timings = {self.chosen: [self.median_ms] * 3}
+        return timed
 
 
 @pytest.mark.parametrize("in_place", [False, True], ids=["functional", "in_place"])
@@ -489,6 +503,33 @@ def test_tma_tiles_are_timed_against_the_pointer_tiles(monkeypatch, winner, in_p
     times = {name: "0.5" if name.lower() == winner else "1" for name in ("pointer", "TMA", "persistent")}
     suffix += f" (pointer {times['pointer']} ms, TMA {times['TMA']} ms, persistent {times['persistent']} ms)"
     assert line.endswith("-> 64x64x64 w4s1" + suffix) and ("in-place" in line) == in_place
+
+
+def test_a_failing_tma_variant_is_skipped(monkeypatch):
+    """A TMA variant whose tuning raises (on a GPU: every tile out of shared memory, a refused descriptor) is left
+    out of the choice and named in tuned_tiles; the pointer tiles' own failure is not hidden."""
+    base = G.INTERPRETER_CONFIG.meta()
+    pointer = G.triton.Config(base, num_warps=4, num_stages=1)
+    tma = G.triton.Config({**base, "TMA": True}, num_warps=4, num_stages=1)
+    persistent = G.triton.Config({**base, "TMA": True, "PERSISTENT": True}, num_warps=4, num_stages=1)
+    tuners = {(False, False): TimedFakeTuner(pointer, 1.0),
+              (True, False): TimedFakeTuner(tma, 0.1, error=RuntimeError("out of resources")),
+              (True, True): TimedFakeTuner(persistent, 2.0)}
+    monkeypatch.setattr(G, "_tuned_kernel", lambda *flags, restore_out=False, arch=None, tma=False, persistent=False:
+                        tuners[tma, persistent])
+    monkeypatch.setattr(G, "gpu_arch", lambda t: G.TMA_MIN_ARCH)
+    monkeypatch.setattr(G, "_TILES", {})
+    monkeypatch.setattr(G, "_VARIANT_TIMES", {})
+    a, w = torch.randn(70, 64).half(), (torch.randn(48, 64) * 0.1).half()
+    out = poison_(torch.empty(70, 48, dtype=torch.float16))
+    G.gemm(a, w, out=out)
+    torch.testing.assert_close(out, F.linear(a.float(), w.float()).half(), rtol=2e-3, atol=2e-3)
+    assert list(G._TILES.values()) == [pointer]
+    (line,) = G.tuned_tiles()
+    assert line.endswith("-> 64x64x64 w4s1 (pointer 1 ms, TMA failed (RuntimeError), persistent 2 ms)")
+    tuners[False, False] = TimedFakeTuner(pointer, 1.0, error=ValueError("pointer tiles broken"))
+    with pytest.raises(ValueError, match="pointer tiles broken"):
+        G.gemm(torch.randn(30, 64).half(), w)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
