@@ -235,7 +235,7 @@ def gemm_configs(glu: bool = False, ln_prologue: bool = False, fp32: bool = Fals
 # each other's best_config.
 _TILES: dict[tuple, triton.Config | None] = {}
 _TILES_LOCK = threading.Lock()
-_LAUNCH_KWARGS: dict[tuple, tuple] = {}  # key -> (tile, the keyword arguments of its direct launch: flags, tile, options)
+_LAUNCH_KWARGS: dict[tuple, tuple] = {}  # key -> (tile, the keyword arguments of its direct launch: flags and tile)
 
 
 def _scratch_like(out: torch.Tensor) -> torch.Tensor:
@@ -1008,9 +1008,9 @@ def gemm(
         elif tile is not None:
             made_for, launch = _LAUNCH_KWARGS.get(key, (None, None))
             if made_for is not tile:  # the same for every call of the key and tile (meta's values are in the key)
-                launch = {**meta, **tile.all_kwargs(), **LAUNCH_OPTIONS}
+                launch = {**meta, **tile.all_kwargs()}
                 _LAUNCH_KWARGS[key] = (tile, launch)
-            _gemm_kernel[grid(tile.kwargs)](*_with_descriptors(args, tile.kwargs), **launch)
+            _gemm_kernel[grid(tile.kwargs)](*_with_descriptors(args, tile.kwargs), **launch, **LAUNCH_OPTIONS)
         else:  # a Triton that does not say which tile won: its autotuner, restoring out after each trial
             _tuned_kernel(*flags, restore_out=in_place, arch=arch)[grid](*args, **meta, **LAUNCH_OPTIONS)
     if split_k > 1:
