@@ -196,6 +196,12 @@ GPU_FP32_GLU_CONFIGS = (
 )
 
 
+def persistent_fits(split_k: int, view_4d: bool) -> bool:
+    """Whether a GEMM can run persistent tiles: one split (the loop walks output tiles only) and no 4-D output view
+    (the one persistent tile that fits its epilogue spills 8 B on sm_90 under Triton 3.9)."""
+    return split_k == 1 and not view_4d
+
+
 def gemm_configs(glu: bool = False, ln_prologue: bool = False, fp32: bool = False,
                  view_4d: bool = False, tma: bool = False, persistent: bool = False) -> list[GemmConfig]:
     """The tile configurations the autotuner tries for these flags (exactly one under the interpreter).
@@ -204,7 +210,7 @@ def gemm_configs(glu: bool = False, ln_prologue: bool = False, fp32: bool = Fals
     (with ``tma``): the largest of them as persistent kernels, timed too."""
     if tma and (fp32 or ln_prologue):
         raise ValueError("TMA tiles are for 16-bit operands without the LayerNorm prologue")
-    if persistent and (not tma or view_4d):  # (4-D: the one that fits spills 8 B on sm_90, Triton 3.9)
+    if persistent and not (tma and persistent_fits(1, view_4d)):
         raise ValueError("the persistent tiles are TMA tiles without the 4-D output view")
     if INTERPRETING:  # more than one config needs a GPU to benchmark on
         return [replace(INTERPRETER_CONFIG, tma=tma, persistent=persistent)]
@@ -601,8 +607,6 @@ def gemm_tile(
                    ACTIVATION, HAS_BIAS, HAS_SCALE, HAS_RESIDUAL, GLU, VIEW_4D, SPLIT_ROWS, OUT_ALIGNED)
 
 
-
-
 @triton.jit
 def _gemm_kernel(
     A,  # (M, K) activations, or a (Mo, Mi, K) view with A_SPLIT_ROWS; any strides
@@ -979,7 +983,7 @@ def gemm(
         if config.tma and not tma_ready:
             raise ValueError("a TMA config needs 16-bit a and weight with unit K stride and 16-byte aligned rows, "
                              "a 2-D (evenly strided) a, K > 0 and no LayerNorm prologue")
-        if config.persistent and (not config.tma or split_k > 1 or view_4d):
+        if config.persistent and not (config.tma and persistent_fits(split_k, view_4d)):
             raise ValueError("a persistent config needs tma=True, split_k=1 and no 4-D output view")
         _gemm_kernel[grid(config.meta())](*_with_descriptors(args, config.meta()), **epilogue, **mainloop,
                                           **config.meta(), num_warps=config.num_warps,
@@ -1000,7 +1004,7 @@ def gemm(
             if tma:  # placeholder blocks: each TMA config's pre_hook sets its own
                 tma_args = _with_descriptors(args, {"TMA": True, "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64})
                 variants.append((_tuned_kernel(*flags, arch=arch, tma=True), tma_args))
-                if split_k == 1 and not view_4d:
+                if persistent_fits(split_k, view_4d):
                     variants.append((_tuned_kernel(*flags, arch=arch, tma=True, persistent=True), tma_args))
             tile, launched = _tune(out, variants, key, grid, meta, in_place)
         if launched:
@@ -1095,14 +1099,14 @@ TMA_MIN_ARCH = (9, 0)
 # EOMT_FAST_GEMM_TMA=0 in the environment (read at import) keeps the autotuned GEMMs on the pointer tiles: the
 # TMA and persistent tiles are new and were compiled and interpreted, not yet run, before their first GPU run.
 TMA_TILES = os.environ.get("EOMT_FAST_GEMM_TMA", "1").strip().lower() not in ("0", "false", "off", "no")
-_DESCRIPTORS = slice(12, 14)  # where ADesc and WDesc sit in _gemm_kernel's arguments
+_DESCRIPTORS = slice(12, 14)  # where ADesc and WDesc sit in _gemm_kernel's arguments (M, N, K next)
 
 
 def _with_descriptors(args: tuple, meta: dict) -> tuple:
     """``args`` with TMA descriptors of A and W for a tile ``meta`` with TMA set (as they are otherwise)."""
     if not meta.get("TMA"):
         return args
-    a, weight, (m, n, k) = args[0], args[1], args[14:17]
+    a, weight, (m, n, k) = args[0], args[1], args[_DESCRIPTORS.stop:_DESCRIPTORS.stop + 3]  # M, N, K follow
     a_desc = TensorDescriptor(a, [m, k], [a.stride(0), 1], [meta["BLOCK_M"], meta["BLOCK_K"]])
     w_desc = TensorDescriptor(weight, [weight.shape[0], k], [weight.stride(0), 1], [meta["BLOCK_N"], meta["BLOCK_K"]])
     return (*args[:_DESCRIPTORS.start], a_desc, w_desc, *args[_DESCRIPTORS.stop:])
@@ -1181,7 +1185,7 @@ def gemm_aot_specs(name: str, **flags) -> list:
     configs = gemm_configs(glu, prologue, False, view_4d)
     if not (prologue or flags.get("a_split_rows", False)):  # the TMA tiles too, where A can have descriptors
         configs += gemm_configs(glu, False, False, view_4d, tma=True)
-        if flags.get("split_k", 1) == 1 and not view_4d:
+        if persistent_fits(flags.get("split_k", 1), view_4d):
             configs += gemm_configs(glu, False, False, view_4d, tma=True, persistent=True)
     return ([gemm_aot_spec(name, torch.bfloat16, c, **flags) for c in configs]
             + [gemm_aot_spec(name, torch.float16, configs[0], **flags)])
