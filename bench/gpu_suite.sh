@@ -42,7 +42,9 @@
 #   linear         bench/bench_linear.py           (EoMT-L/640 shapes; both print, under each kernel, the GEMM tile
 #                                                   chosen per shape and each variant's best time: pointer loads,
 #                                                   TMA, persistent TMA: "gemm M1805 N3072 K1024 ... -> ... (...)")
-#   masks          bench/bench_mask_logits.py and bench/bench_upscale.py (EoMT-L/640 shapes)
+#   masks          bench/bench_mask_logits.py and bench/bench_upscale.py (EoMT-L/640 shapes; every kernel
+#                  script prints the other autotuners' choices too: "_dwconv_layernorm_kernel B=1 H=160 ... ->
+#                  BLOCK_P: 2, SEGMENT: 8, ... (ms, next best ms; configs timed)")
 #   predict        bench/bench_predict.py: the final predict() and a masked layer's mask, eomt_fast's op
 #                  sequence against the reference ops (eager, max-autotune) and transformers' way (EoMT-L/640)
 #   all            every step above but first-look, in order (about 60-90 minutes: only where no per-command
@@ -101,6 +103,10 @@ mapfile -t MODEL_TEST_OPTS < <(pytest_args "${MODEL_TEST_WORKERS:-4}" "${MODEL_T
 GPU_TESTS=(-P -m pytest -m gpu -q -rfEs "${TEST_OPTS[@]}" --ignore tests/test_model_gpu.py)  # `tests`; first-look starts with it
 MODEL_TESTS=(-P -m pytest -m gpu -q -rfEs "${MODEL_TEST_OPTS[@]}" tests/test_model_gpu.py)
 INT=(-s INT -k 30)  # timeout's options for a pytest: SIGINT, then SIGKILL
+# The tests tune their kernels in 8 processes sharing one GPU: timings taken under that contention must not
+# become the tiles the benchmarks after them use, so the tests keep no autotune cache (kernels/_autotune.py);
+# the benchmark steps read and write it (a step's second model, or a later step, reuses the tiles timed alone).
+NO_TUNING_CACHE=(env EOMT_FAST_AUTOTUNE_CACHE=0)
 MODEL=("${CLI[@]}" bench --dtype bfloat16 --masking both)
 COMPILE_DEFAULT=(--impls eomt_fast eomt_fast-cuda-graphs transformers-eager transformers-sdpa transformers-compile)
 KERNEL_ARGS=()
@@ -178,7 +184,7 @@ run_step() {
     fi
     {
         case $step in
-            first-look)  timeout "${INT[@]}" "$(seconds_left 1 2)" "$PY" "${GPU_TESTS[@]}" --durations 25
+            first-look)  timeout "${INT[@]}" "$(seconds_left 1 2)" "${NO_TUNING_CACHE[@]}" "$PY" "${GPU_TESTS[@]}" --durations 25
                          first=$?
                          sync_out
                          timeout "$(seconds_left)" "$PY" "${CLI[@]}" bench --dtype bfloat16 \
@@ -192,8 +198,8 @@ run_step() {
                          with_what_is_left "$PY" bench/bench_linear.py "${KERNEL_ARGS[@]}" --no-compile
                          with_what_is_left "$PY" bench/bench_layernorm_mlp.py "${KERNEL_ARGS[@]}"
                          [ $first -eq 0 ] && [ $second -eq 0 ] ;;
-            tests)       timeout "${INT[@]}" $((STEP_TIMEOUT - 30)) "$PY" "${GPU_TESTS[@]}" --durations 25 ;;
-            model-tests) timeout "${INT[@]}" $((STEP_TIMEOUT - 30)) "$PY" "${MODEL_TESTS[@]}" --durations 25 ;;
+            tests)       timeout "${INT[@]}" $((STEP_TIMEOUT - 30)) "${NO_TUNING_CACHE[@]}" "$PY" "${GPU_TESTS[@]}" --durations 25 ;;
+            model-tests) timeout "${INT[@]}" $((STEP_TIMEOUT - 30)) "${NO_TUNING_CACHE[@]}" "$PY" "${MODEL_TESTS[@]}" --durations 25 ;;
             check-kernels) timeout "$STEP_TIMEOUT" "$PY" "${CLI[@]}" check-kernels ;;
             model-b1)    per_model MODELS "${MODEL[@]}" --batch 1 "${COMPILE_DEFAULT[@]}" ;;
             model-b8)    per_model MODELS "${MODEL[@]}" --batch 8 "${COMPILE_DEFAULT[@]}" ;;

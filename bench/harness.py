@@ -936,11 +936,12 @@ def _is_bool(out: Any) -> bool:
 MUST_RUN = ("eager", "triton", "eomt_fast")  # implementations whose failure fails the run (baselines may not apply)
 
 
-def _new_gemm_tiles(printed: set[str]) -> list[str]:
-    """The GEMM tiles tuned since the last call (``kernels.gemm.tuned_tiles``), added to ``printed``."""
-    from eomt_fast.kernels import gemm
+def _new_tuned_configs(printed: set[str]) -> list[str]:
+    """The configs the autotuners chose since the last call, added to ``printed``: the GEMM tiles
+    (``kernels.gemm.tuned_tiles``) and every other kernel's (``kernels._autotune.tuned_configs``)."""
+    from eomt_fast.kernels import _autotune, gemm
 
-    new = [line for line in gemm.tuned_tiles() if line not in printed]
+    new = [line for line in gemm.tuned_tiles() + _autotune.tuned_configs() if line not in printed]
     printed.update(new)
     return new
 
@@ -1065,7 +1066,7 @@ def run_kernel_benchmark(cases: list[KernelCase], args: argparse.Namespace) -> i
             vs = "" if eager_ms is None or name == "eager" else f"{eager_ms / timing.median_ms:.2f}x"
             timed = f"{timing.median_ms:.4g} [{timing.p20_ms:.4g}-{timing.p80_ms:.4g}]"
             print(f"  {name:<32} {timed:<28} {row['tflops']:>9.3g} {row['gbps']:>9.3g} {vs:>9} {err:>9.2g}")
-        for line in _new_gemm_tiles(printed_tiles):  # which GEMM tile (pointer or TMA loads) the autotuner chose
+        for line in _new_tuned_configs(printed_tiles):  # which tile / config each autotuner chose
             print(f"  {line}")
         if not args.no_write and (rows or skipped):  # after every case: a run cut short keeps what it timed
             path = write_results(rows, env, ceilings, args.results_dir, skipped=skipped, notes=notes)

@@ -83,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     import harness  # bench/harness.py, beside this file
 
     from eomt_fast import bench
+    from eomt_fast.kernels import _autotune
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
@@ -110,7 +111,9 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         forward()
         sync(device)
-        say(f"first call {time.perf_counter() - t0:.2f} s (compiles and autotunes)")
+        tuned = _autotune.TUNINGS
+        say(f"first call {time.perf_counter() - t0:.2f} s (compiles and autotunes: {tuned['benchmarked']} keys "
+            f"benchmarked, {tuned['disk']} read from the autotune cache; {_autotune.describe_cache()})")
         for _ in range(3):
             forward()
         wall = median_ms(forward, args.calls, device, synchronised=True)

@@ -28,6 +28,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     cuda = torch.cuda.is_available()
     print(f"CUDA available: {cuda}" + (f" ({torch.cuda.get_device_name(0)}, CUDA {torch.version.cuda})" if cuda else ""))
     print(f"TRITON_INTERPRET: {os.environ.get('TRITON_INTERPRET', 'unset')}")
+    from .kernels import _autotune
+
+    print(f"autotune cache: {_autotune.describe_cache()}")
     if args.model:
         from .model import EomtFastForUniversalSegmentation
 

@@ -12,6 +12,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from ._autotune import autotune
 from ._triton import INTERPRETING, LAUNCH_OPTIONS, cdiv, check_devices, eager_direct, gpu_arch, next_power_of_2, on_input_device, tl, triton  # Triton, or a stand-in without it
 
 
@@ -362,10 +363,8 @@ def _masked_attention_fwd_kernel(
 # fill the SMs differently, so each gets its own tile
 @functools.lru_cache(maxsize=None)
 def _tuned_attention_kernel(arch: tuple[int, int] | None = None):  # one per arch: _triton.gpu_arch
-    return triton.autotune(
-        configs=_configs(), key=["B", "H", "S", "Q", "HEAD_DIM", "HAS_MASK", "ALIGNED"],
-        prune_configs_by={"early_config_prune": _prune_configs},
-    )(_masked_attention_fwd_kernel)
+    return autotune(_masked_attention_fwd_kernel, _configs(), ["B", "H", "S", "Q", "HEAD_DIM", "HAS_MASK", "ALIGNED"],
+                    prune_configs_by={"early_config_prune": _prune_configs})
 
 
 # ---------------------------------------------------------------------------------------------------

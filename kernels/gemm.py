@@ -71,8 +71,8 @@ ahead of time for sm_90 (Triton 3.9, the output projection's residual epilogue) 
 registers: 99 against 120 for 128 x 128 x 64 on 8 warps, 172 against 206 on 4; which is faster is for the
 GPU to measure.
 
-Tiles: on a GPU, ``@triton.autotune`` over a handful of tile shapes (keyed on M, N, K and the flags)
-with GROUP_M swizzling of the tile order for L2 reuse; under the interpreter exactly one small tile.
+Tiles: on a GPU, autotuned (``_autotune.autotune``: Triton's autotuner, its timings kept on disk for later
+processes) over a handful of tile shapes (keyed on M, N, K and the flags) with GROUP_M swizzling of the tile order for L2 reuse; under the interpreter exactly one small tile.
 Rows and columns past the end of the matrix are wrapped into range for the loads (no masks, never a
 padding copy) and masked at the store; K is masked per step. Row offsets are int64.
 Few tiles (batch 1, N = 1024: 120 tiles of 128 x 128, 60 of 128 x 256, for 132 SMs) can be met by the
@@ -91,6 +91,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
+from ._autotune import autotune
 from ._triton import INTERPRETING, LAUNCH_OPTIONS, TensorDescriptor, cdiv, check_devices, eager_direct, gpu_arch, next_power_of_2, on_input_device, tl, triton  # Triton, or a stand-in without it
 
 
@@ -270,6 +271,7 @@ def _tune(out: torch.Tensor, variants: list, key: tuple, grid: Callable, meta: d
             return _TILES[key], False
         best = best_time = last_run = None
         times = _VARIANT_TIMES[key] = {}
+        _FROM_DISK.discard(key)
         for index, (tuned, args) in enumerate(variants):
             name = _variant(tuned.configs[0])
             if len(tuned.configs) == 1:  # nothing to benchmark (the interpreter)
@@ -280,6 +282,7 @@ def _tune(out: torch.Tensor, variants: list, key: tuple, grid: Callable, meta: d
                 # of its keys: in place or not, TMA-ready or not) and would leave the last shape's timings.
                 getattr(tuned, "cache", {}).clear()
                 tuned.configs_timings = None
+                tuned.from_disk = None  # set by the autotune cache when it reads or benchmarks (_autotune)
                 last_run = None  # out is being written by this variant (or, in place, untouched)
                 try:
                     tuned[grid](*run_args, **meta, **LAUNCH_OPTIONS)
@@ -292,6 +295,8 @@ def _tune(out: torch.Tensor, variants: list, key: tuple, grid: Callable, meta: d
                 if tile is None:
                     break
                 time = times[name] = _median_time(tuned, tile)
+                if getattr(tuned, "from_disk", None):
+                    _FROM_DISK.add(key)
                 last_run = None if in_place else tile  # what out now holds
             if best is None or (time is not None and best_time is not None and time < best_time):
                 best, best_time = tile, time
@@ -303,6 +308,7 @@ def _tune(out: torch.Tensor, variants: list, key: tuple, grid: Callable, meta: d
 
 
 _VARIANT_TIMES: dict[tuple, dict[str, float | str | None]] = {}  # key -> {variant: best tile's median ms, or why not}
+_FROM_DISK: set[tuple] = set()  # keys whose timings (some variant's at least) were read from the autotune cache
 
 
 def _variant(tile) -> str:
@@ -324,8 +330,9 @@ def tuned_tiles() -> list[str]:
             f"{' persistent' if tile.kwargs.get('PERSISTENT') else ''}")
         times = ", ".join(f"{name} {ms:.4g} ms" if isinstance(ms, float) else f"{name} {ms}"
                           for name, ms in _VARIANT_TIMES.get(key, {}).items() if ms is not None)
+        cached = ", timed by an earlier process: autotune cache" if key in _FROM_DISK and times else ""
         lines.append(f"gemm M{m} N{n} K{k} {str(dtype).removeprefix('torch.')} sm{''.join(map(str, arch or ()))} "
-                     f"{' '.join(flags)} -> {chosen}" + (f" ({times})" if times else ""))
+                     f"{' '.join(flags)} -> {chosen}" + (f" ({times}{cached})" if times else ""))
     return lines
 
 
@@ -356,7 +363,8 @@ def _tuned_kernel(glu: bool, ln_prologue: bool, fp32: bool, view_4d: bool, resto
     # operands) differ in registers and memory traffic, so each gets its own tuned tile
     key = ["M", "N", "K", "SPLIT_K", "ACTIVATION", "HAS_RESIDUAL", "HAS_BIAS", "HAS_SCALE", "SPLIT_ROWS",
            "A_SPLIT_ROWS", "ALIGNED", "OUT_ALIGNED"]
-    return triton.autotune(configs=configs, key=key, restore_value=["Out"] if restore_out else None)(_gemm_kernel)
+    return autotune(_gemm_kernel, configs, key, restore_value=["Out"] if restore_out else None,
+                    report=False)  # tuned_tiles() reports them, with the variants
 
 
 # ---- building blocks (@triton.jit functions other kernels can call) ----------------------------------

@@ -61,6 +61,7 @@ def grid_attention_mask_ref(
 import functools  # noqa: E402
 
 from . import gemm as _gemm  # noqa: E402
+from ._autotune import autotune  # noqa: E402
 from ._triton import INTERPRETING, LAUNCH_OPTIONS, cdiv, check_devices, gpu_arch, on_input_device, tl, triton  # noqa: E402  (Triton, or a stand-in)
 from .gemm import grouped_tile  # noqa: E402
 
@@ -99,7 +100,7 @@ def _tuned_grid_mask_kernel(fp32: bool, arch: tuple[int, int] | None = None):  #
                for c in grid_mask_configs(fp32)]
     # batch 1 gives few tiles (g*g x Q), batch 8 eight times as many: each gets its own tile
     key = ["B", "P", "Q", "C", "TAPS_H", "TAPS_W", "ALIGNED"]
-    return triton.autotune(configs=configs, key=key)(_grid_mask_kernel)
+    return autotune(_grid_mask_kernel, configs, key)
 
 
 # B only keys the autotuner: not specialised (batch 1 would otherwise compile every tile again, and as

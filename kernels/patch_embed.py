@@ -50,6 +50,7 @@ def patch_embed_ref(
 import functools  # noqa: E402
 
 from . import gemm as _gemm  # noqa: E402
+from ._autotune import autotune  # noqa: E402
 from ._triton import INTERPRETING, LAUNCH_OPTIONS, cdiv, check_devices, gpu_arch, on_input_device, tl, triton  # noqa: E402  (Triton, or a stand-in)
 from .gemm import grouped_tile, split_columns  # noqa: E402
 
@@ -67,7 +68,7 @@ def _tuned_kernel(fp32: bool, arch: tuple[int, int] | None = None):  # one per a
     configs = [triton.Config(c.meta(), num_warps=c.num_warps, num_stages=c.num_stages)
                for c in patch_embed_configs(fp32)]
     key = ["M", "N", "K", "PATCH", "ALIGNED", "OUT_ALIGNED"]  # every flag that changes the compiled code
-    return triton.autotune(configs=configs, key=key)(_patch_embed_kernel)
+    return autotune(_patch_embed_kernel, configs, key)
 
 
 @triton.jit

@@ -65,6 +65,7 @@ def upscale_block_ref(
 import functools  # noqa: E402
 
 from . import gemm as _gemm  # noqa: E402
+from ._autotune import autotune  # noqa: E402
 from ._triton import INTERPRETING, LAUNCH_OPTIONS, cdiv, check_devices, gpu_arch, next_power_of_2, on_input_device, tl, triton  # noqa: E402  (Triton, or a stand-in)
 from .gemm import apply_activation, grouped_tile, split_columns  # noqa: E402
 
@@ -82,7 +83,7 @@ def convt_configs(fp32: bool = False) -> list[_gemm.GemmConfig]:
 def _tuned_convt_kernel(fp32: bool, arch: tuple[int, int] | None = None):  # one per arch: _triton.gpu_arch
     configs = [triton.Config(c.meta(), num_warps=c.num_warps, num_stages=c.num_stages) for c in convt_configs(fp32)]
     key = ["M", "N", "K", "ACTIVATION", "ALIGNED", "OUT_ALIGNED"]  # every flag that changes the compiled code
-    return triton.autotune(configs=configs, key=key)(_convt_act_kernel)
+    return autotune(_convt_act_kernel, configs, key)
 
 
 @triton.jit
@@ -196,7 +197,7 @@ def _dwconv_layernorm_kernel(
     ALIGNED: tl.constexpr,  # C % 16 == 0 and 16-byte aligned pixels of Y and Out
     BLOCK_P: tl.constexpr,  # output pixels computed at once (all their channels in registers)
     BLOCK_C: tl.constexpr,  # next_power_of_2(C)
-    SEGMENT: tl.constexpr,  # output pixels of one row per program, in BLOCK_P steps
+    SEGMENT: tl.constexpr,  # output pixels of one row per program, in BLOCK_P steps (tuned: DWCONV_GPU_SEGMENTS)
 ):
     """LayerNorm_C(depthwise_conv3x3(Y)) for SEGMENT pixels of row program_id(0) = b*H + h.
 
@@ -263,7 +264,12 @@ def _aligned16(t: torch.Tensor, strides) -> bool:
     return t.data_ptr() % 16 == 0 and all((s * t.element_size()) % 16 == 0 for s in strides)
 
 
-DWCONV_SEGMENT = 32  # output pixels of a row per program of the depthwise + LayerNorm kernel
+# Output pixels of a row per program of the depthwise + LayerNorm kernel, a tuning choice: long segments
+# load the eleven weight vectors fewer times, short ones make more programs (an 80x80 output at batch 1 is
+# 80 rows: 240 programs of 32 pixels for 132 SMs, each walking its pixels in turn). DWCONV_SEGMENT is the one
+# the interpreter and check-kernels use.
+DWCONV_SEGMENT = 32
+DWCONV_GPU_SEGMENTS = (4, 8, 32)
 # (BLOCK_P, num_warps) of the depthwise + LayerNorm kernel the autotuner tries, kept to those where a thread
 # holds at most 8 channels of each of the nine weight vectors and 4 to 16 fp32 accumulators
 # (``dwconv_configs``): the nine taps' loads are issued together, so registers grow fast with BLOCK_P (8
@@ -290,10 +296,11 @@ def _prune_dwconv_configs(configs, named_args, **kwargs):
 @functools.lru_cache(maxsize=None)
 def _tuned_dwconv_kernel(arch: tuple[int, int] | None = None):  # one per arch: _triton.gpu_arch
     pairs = [dwconv_configs(1)[0]] if INTERPRETING else DWCONV_GPU_CONFIGS
-    configs = [triton.Config({"BLOCK_P": p}, num_warps=w, num_stages=1) for p, w in pairs]
+    segments = [DWCONV_SEGMENT] if INTERPRETING else DWCONV_GPU_SEGMENTS
+    configs = [triton.Config({"BLOCK_P": p, "SEGMENT": s}, num_warps=w, num_stages=1)
+               for p, w in pairs for s in segments if s >= p]
     prune = None if INTERPRETING else {"early_config_prune": _prune_dwconv_configs}
-    return triton.autotune(configs=configs, key=["B", "H", "W", "C", "ALIGNED"], prune_configs_by=prune)(
-        _dwconv_layernorm_kernel)
+    return autotune(_dwconv_layernorm_kernel, configs, ["B", "H", "W", "C", "ALIGNED"], prune_configs_by=prune)
 
 
 @on_input_device
@@ -338,11 +345,11 @@ def dwconv_layernorm(y: torch.Tensor, dw_weight: torch.Tensor, ln_weight: torch.
     ln_bias = ln_bias if ln_bias.stride(0) == 1 else ln_bias.contiguous()
     aligned = (channels % 16 == 0 and y.stride(3) == 1 and out.stride(3) == 1
                and _aligned16(y, y.stride()[:3]) and _aligned16(out, out.stride()[:3]))
-    grid = (batch * height, cdiv(width, DWCONV_SEGMENT))
+    grid = lambda meta: (batch * height, cdiv(width, meta["SEGMENT"]))  # noqa: E731
     _tuned_dwconv_kernel(arch=gpu_arch(y))[grid](
         y, dw_weight, ln_weight, ln_bias, out, batch, height, width, channels, eps,
         *y.stride(), dw_weight.stride(0), dw_weight.stride(2), dw_weight.stride(3), *out.stride(),
-        ALIGNED=aligned, BLOCK_C=next_power_of_2(channels), SEGMENT=DWCONV_SEGMENT, **LAUNCH_OPTIONS)
+        ALIGNED=aligned, BLOCK_C=next_power_of_2(channels), **LAUNCH_OPTIONS)
     return out
 
 

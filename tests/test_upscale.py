@@ -104,11 +104,22 @@ def test_other_activations_match_reference(activation, dtype):
     assert not torch.allclose(upscale_block_ref(*args), gelu, rtol=1e-2, atol=1e-2)
 
 
-# (B, H, W, C): 7 x 9 with C = 24 (one pixel block per row); 3 x 40 with C = 200 (BLOCK_C 256, so 16-pixel
-# blocks under the interpreter: rows of 40 are two segments of 32 + 8 pixels, the first walked in two blocks)
+# (B, H, W, C): 7 x 9 with C = 24 (one segment, one pixel block per row); 3 x 40 with C = 200 (BLOCK_C 256);
+# (BLOCK_P, SEGMENT): the interpreter's own (32, 32: rows of 40 are segments of 32 + 8 pixels, a block each),
+# and tiles the GPU autotuner tries: (8, 32) walks the 32 in four blocks, (2, 4) and (4, 8) give ten and five
+# segments a row of 40 (the last of 8 pixels ending past a block of 4 when W is 9)
+@pytest.mark.parametrize("tile", [None, (8, 32), (2, 4), (4, 8)], ids=lambda t: f"P{t[0]}-S{t[1]}" if t else "default")
 @pytest.mark.parametrize("shape", [(2, 7, 9, 24), (1, 3, 40, 200)], ids=lambda s: f"B{s[0]}-H{s[1]}-W{s[2]}-C{s[3]}")
-def test_dwconv_layernorm_alone(shape):
+def test_dwconv_layernorm_alone(shape, tile, monkeypatch):
     """The depthwise + LayerNorm kernel alone, into a NaN-poisoned output."""
+    if tile is not None:
+        from eomt_fast.kernels import upscale
+        from eomt_fast.kernels._triton import triton
+
+        tuner = upscale.autotune(upscale._dwconv_layernorm_kernel,
+                                 [triton.Config({"BLOCK_P": tile[0], "SEGMENT": tile[1]}, num_warps=4)],
+                                 ["B", "H", "W", "C", "ALIGNED"])
+        monkeypatch.setattr(upscale, "_tuned_dwconv_kernel", lambda arch=None: tuner)
     g = torch.Generator().manual_seed(2)
     y = torch.randn(*shape, generator=g)
     _, _, dw, lnw, lnb = make_weights(shape[-1], torch.float32, seed=2)
