@@ -40,7 +40,7 @@ QUICK = [("quick", 1)]
 QUICK_CONFIG = dict(hidden_size=256, num_queries=50, num_attention_heads=4, image_size=320, patch_size=16,
                     num_upscale_blocks=2, num_labels=20, num_prefix_tokens=5)
 LN2D_EPS = 1e-6  # EomtLayerNorm2d's eps (fixed in transformers)
-WEIGHTS_PER_BLOCK = 5  # convt (C_in, 2, 2, C_out), convt bias, depthwise (C, 1, 3, 3), LayerNorm weight, bias
+WEIGHTS_PER_BLOCK = 5  # convt (2, 2, C_out, C_in), convt bias, depthwise (C, 1, 3, 3), LayerNorm weight, bias
 
 
 def case_config(preset: str) -> SimpleNamespace:
@@ -67,12 +67,12 @@ def make_args(cfg: SimpleNamespace, batch: int, device: torch.device, dtype: tor
     cls = list(harness.linear_weights(cfg.num_labels + 1, c, device, dtype, gen))
     blocks, hf_convt = [], []
     for _ in range(cfg.num_upscale_blocks):
-        convt = harness.randn(c, 2, 2, c, device=device, dtype=dtype, gen=gen, std=c**-0.5)  # (C_in, 2, 2, C_out)
+        convt = harness.randn(2, 2, c, c, device=device, dtype=dtype, gen=gen, std=c**-0.5)  # (2, 2, C_out, C_in)
         blocks += [convt, harness.randn(c, device=device, dtype=dtype, gen=gen, std=0.02),
                    harness.randn(c, 1, 3, 3, device=device, dtype=dtype, gen=gen, std=1 / 3),
                    harness.randn(c, device=device, dtype=dtype, gen=gen, mean=1.0, std=0.1),
                    harness.randn(c, device=device, dtype=dtype, gen=gen, std=0.02)]
-        hf_convt.append(convt.permute(0, 3, 1, 2).contiguous())  # nn.ConvTranspose2d's (C_in, C_out, 2, 2)
+        hf_convt.append(convt.permute(3, 2, 0, 1).contiguous())  # nn.ConvTranspose2d's (C_in, C_out, 2, 2)
     return (tokens, *head, *cls, *blocks, *hf_convt, cfg.num_queries, patch_start, g, cfg.num_attention_heads,
             cfg.num_upscale_blocks)
 

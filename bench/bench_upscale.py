@@ -29,7 +29,7 @@ def cases(quick: bool) -> list[harness.KernelCase]:
 
         def make_args(device, dtype, gen, c=c, side=side, batch=batch):
             x = harness.randn(batch, side, side, c, device=device, dtype=dtype, gen=gen)
-            convt = harness.randn(c, 2, 2, c, device=device, dtype=dtype, gen=gen, std=c**-0.5)  # (C_in, 2, 2, C_out)
+            convt = harness.randn(2, 2, c, c, device=device, dtype=dtype, gen=gen, std=c**-0.5)  # (2, 2, C_out, C_in)
             bias = harness.randn(c, device=device, dtype=dtype, gen=gen, std=0.02)
             dw = harness.randn(c, 1, 3, 3, device=device, dtype=dtype, gen=gen, std=1 / 3)
             ln_w = harness.randn(c, device=device, dtype=dtype, gen=gen, mean=1.0, std=0.1)

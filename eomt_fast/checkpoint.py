@@ -38,7 +38,7 @@ class Rule:
     """One model weight and the transformers tensors it is made of.
 
     kind: "copy" (same tensor), "reshape" (same data, other shape), "cat" (the hf tensors concatenated
-    on dim 0, e.g. q/k/v -> qkv), "convt" (ConvTranspose2d (C_in, C_out, 2, 2) -> (C_in, 2, 2, C_out)).
+    on dim 0, e.g. q/k/v -> qkv), "convt" (ConvTranspose2d (C_in, C_out, 2, 2) -> (2, 2, C_out, C_in): the GEMM's (N, K) weight).
     A ``None`` among ``hf_names`` is a part the checkpoint does not hold (EoMT-DINOv3's absent key bias,
     its absent position embeddings): zeros of that shape in the model, nothing written back.
     """
@@ -60,7 +60,7 @@ class Rule:
         if self.kind == "cat":
             return torch.cat(tensors, dim=0)
         if self.kind == "convt":
-            return tensors[0].permute(0, 2, 3, 1).contiguous()
+            return tensors[0].permute(2, 3, 1, 0).contiguous()
         raise AssertionError(self.kind)
 
     def to_hf(self, tensor: torch.Tensor) -> list[torch.Tensor]:
@@ -72,7 +72,7 @@ class Rule:
         if self.kind == "cat":
             return list(torch.split(tensor, [s[0] for s in self.hf_shapes], dim=0))
         if self.kind == "convt":
-            return [tensor.permute(0, 3, 1, 2)]
+            return [tensor.permute(3, 2, 0, 1)]
         raise AssertionError(self.kind)
 
     def absent_rows(self) -> list[tuple[int, int]]:
@@ -95,7 +95,7 @@ class Rule:
             return (sum(s[0] for s in self.hf_shapes), *self.hf_shapes[0][1:])
         if self.kind == "convt":
             c_in, c_out, kh, kw = self.hf_shapes[0]
-            return (c_in, kh, kw, c_out)
+            return (kh, kw, c_out, c_in)
         raise AssertionError(self.kind)
 
 

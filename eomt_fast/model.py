@@ -247,7 +247,7 @@ class UpscaleBlock(nn.Module):
         c = config.hidden_size
         self.eps = 1e-6  # EomtLayerNorm2d's eps, fixed in transformers (not layer_norm_eps)
         self.activation = config.activation
-        self.convt_weight, self.convt_bias = _weight(c, 2, 2, c), _weight(c)
+        self.convt_weight, self.convt_bias = _weight(2, 2, c, c), _weight(c)  # (2, 2, C_out, C_in): prepare_convt_weight
         self.dw_weight = _weight(c, 1, 3, 3)
         self.ln_weight, self.ln_bias = _weight(c), _weight(c)
 
@@ -321,7 +321,7 @@ class EomtFastForUniversalSegmentation(nn.Module):
             elif leaf in ("position_embeddings", "query", "cls_token", "register_tokens"):
                 param.normal_(0.0, 1.0, generator=generator)
             else:
-                fan_in = {"convt_weight": param.shape[0], "dw_weight": 9}.get(leaf, param.shape[-1])
+                fan_in = 9 if leaf == "dw_weight" else param.shape[-1]  # convt_weight's last dim: C_in
                 bound = 1.0 / math.sqrt(fan_in)
                 param.uniform_(-bound, bound, generator=generator)
         weights = dict(self.named_parameters())

@@ -228,8 +228,9 @@ def gemm_configs(glu: bool = False, ln_prologue: bool = False, fp32: bool = Fals
         configs = list(GPU_LN_PROLOGUE_CONFIGS if ln_prologue else GPU_CONFIGS)
     if view_4d:  # the 4-D addressing divides row and column indices: registers the big tiles lack
         configs = [c for c in configs if _accumulators_per_thread(c) <= 64]
-        if tma:  # the 128 x 64 TMA tile's unsplit 4-D epilogue spills 280 B on sm_90 (Triton 3.9)
-            configs = [c for c in configs if c.epilogue_subtiles == 2 or _accumulators_per_thread(c) <= 32]
+        if fp32:  # the fp32 64 x 64 tile with the ConvTranspose's GELU: 16 B of stack on sm_90 (Triton 3.9, at 80
+            # registers: ptxas's choice, not pressure)
+            configs = [c for c in configs if c.block_m * c.block_n > 64 * 64]
     return configs
 
 
@@ -401,13 +402,18 @@ def tile_ptrs(Base, offs_m, offs_n, rows_inner, cols_inner, stride_0, stride_1, 
     """Pointers to the (m, n) elements of a tile: Base[m, n] through (stride_1, stride_3); with SPLIT_ROWS
     Base[m // Mi, m % Mi, n] (a 3-D view whose rows are not evenly strided); with VIEW_4D
     Base[m // Mi, m % Mi, n // Ni, n % Ni] of a 4-D strided view. Row offsets are int64; the column
-    division of VIEW_4D costs registers that the other cases do not pay. ALIGNED_ROWS (not VIEW_4D)
-    promises 16-byte aligned row starts, as the JIT infers from divisible arguments: without it, an
-    ahead-of-time compile stores element by element and spills."""
+    division of VIEW_4D costs registers that the other cases do not pay. ALIGNED_ROWS promises 16-byte aligned
+    row starts, as the JIT infers from divisible arguments (without it, an ahead-of-time compile stores element
+    by element and spills); with VIEW_4D also columns in contiguous 16-element runs (``_columns_aligned``),
+    which no argument would tell the JIT through the divisions, so that the 2x2 scatter of the ConvTranspose
+    stores vectors."""
     if VIEW_4D:
         rows = (offs_m // rows_inner).to(tl.int64) * stride_0 + (offs_m % rows_inner).to(tl.int64) * stride_1
         cols = (offs_n // cols_inner) * stride_2 + (offs_n % cols_inner) * stride_3
         row_ptrs = Base + rows
+        if ALIGNED_ROWS:  # _columns_aligned: runs of 16 columns are 16 contiguous elements, 16-element aligned
+            row_ptrs = tl.multiple_of(row_ptrs, [16])
+            cols = tl.max_contiguous(tl.multiple_of(cols, [16]), [16])
     else:
         if SPLIT_ROWS:
             row_ptrs = Base + ((offs_m // rows_inner).to(tl.int64) * stride_0
@@ -962,7 +968,11 @@ def gemm(
     # gemm_mainloop): then an ahead-of-time compile sees the same kernel as the GPU.
     operands_aligned = _rows_aligned(a) and _rows_aligned(weight)
     aligned = k % 16 == 0 and operands_aligned
-    out_aligned = n % 16 == 0 and (view_4d or (_rows_aligned(out) and (residual is None or _rows_aligned(residual))))
+    if view_4d:
+        out_aligned = n % 16 == 0 and _columns_aligned(out, out_geom) and (
+            residual is None or _columns_aligned(residual, (*out_geom[:2], *res_strides)))
+    else:
+        out_aligned = n % 16 == 0 and _rows_aligned(out) and (residual is None or _rows_aligned(residual))
     epilogue = dict(
         ACTIVATION=ACTIVATIONS[activation], HAS_BIAS=bias is not None, HAS_SCALE=scale is not None,
         HAS_RESIDUAL=residual is not None, GLU=glu, SPLIT_K=split_k, VIEW_4D=view_4d, SPLIT_ROWS=split_rows,
@@ -1122,6 +1132,15 @@ def _with_descriptors(args: tuple, meta: dict) -> tuple:
 
 def _vector(t: torch.Tensor | None) -> torch.Tensor | None:
     return t if t is None or t.stride(-1) == 1 else t.contiguous()
+
+
+def _columns_aligned(t: torch.Tensor, geometry: tuple) -> bool:
+    """A 4-D output view (geometry: rows_inner, cols_inner and its four strides, in elements) whose columns
+    come in runs of 16 contiguous elements starting 16 elements apart, in rows that start 16 elements apart:
+    what VIEW_4D's OUT_ALIGNED promises the compiler (vector stores)."""
+    _, cols_inner, *strides = geometry
+    return (t.data_ptr() % 16 == 0 and strides[3] == 1 and cols_inner % 16 == 0
+            and all(stride % 16 == 0 for stride in strides[:3]))
 
 
 def _rows_aligned(t: torch.Tensor) -> bool:

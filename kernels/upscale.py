@@ -4,7 +4,8 @@ model's hidden_act (GELU in every released model; the names of ``linear.ACTIVATI
 
 A k=2, s=2 transposed convolution has no overlap: every input pixel is one GEMM row
 (C -> 4C) whose four C-wide pieces are the output pixels (2i+a, 2j+b). With the weight prepared once
-as (C_in, 2, 2, C_out) (``prepare_convt_weight``) the GEMM output is already in (a, b, channel) order.
+as (2, 2, C_out, C_in) (``prepare_convt_weight``: an nn.Linear-style (N, K) matrix, N = 4 C_out in (a, b,
+channel) order) the GEMM output is already in (a, b, channel) order.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ from .linear import activation_ref, check_activation
 
 
 def prepare_convt_weight(weight: torch.Tensor) -> torch.Tensor:
-    """ConvTranspose2d weight (C_in, C_out, 2, 2) -> (C_in, 2, 2, C_out), contiguous. Done at load."""
-    return weight.permute(0, 2, 3, 1).contiguous()
+    """ConvTranspose2d weight (C_in, C_out, 2, 2) -> (2, 2, C_out, C_in), contiguous: the GEMM's (N, K) weight
+    with unit K stride, as the TMA tiles of gemm.py read it. Done at load."""
+    return weight.permute(2, 3, 1, 0).contiguous()
 
 
 def upscale_block_ref(
@@ -32,12 +34,12 @@ def upscale_block_ref(
 ) -> torch.Tensor:
     """x (B, H, W, C) channels-last -> (B, 2H, 2W, C) channels-last.
 
-    convt_weight is the prepared (C_in, 2, 2, C_out) layout; dw_weight is the depthwise conv weight
+    convt_weight is the prepared (2, 2, C_out, C_in) layout; dw_weight is the depthwise conv weight
     (C, 1, 3, 3) as stored in checkpoints.
     """
     batch, height, width, channels = x.shape
-    out_channels = convt_weight.shape[-1]
-    y = torch.matmul(x, convt_weight.reshape(channels, 4 * out_channels))  # (B, H, W, 2*2*C_out)
+    out_channels = convt_weight.shape[2]
+    y = torch.matmul(x, convt_weight.reshape(4 * out_channels, channels).t())  # (B, H, W, 2*2*C_out)
     y = y.view(batch, height, width, 2, 2, out_channels).permute(0, 1, 3, 2, 4, 5)
     y = activation_ref(y.reshape(batch, 2 * height, 2 * width, out_channels) + convt_bias, activation)
     y = F.conv2d(y.permute(0, 3, 1, 2), dw_weight, padding=1, groups=out_channels)  # channels-last strides
@@ -47,14 +49,17 @@ def upscale_block_ref(
 
 # ---- Triton: two kernels per block -------------------------------------------------------------------
 #
-# 1. ConvTranspose 2x2 + bias + act: one GEMM, M = B*H*W input pixels, K = C_in, N = 4*C_out, with
-#        y[b, 2i+a, 2j+c, o] = act(sum_k x[b, i, j, k] * Wp[k, a, c, o] + bias[o])   (n = (a*2 + c)*C_out + o)
-#    The prepared weight Wp (C_in, 2, 2, C_out) is read in place as a (K, N) matrix with unit N stride (the
-#    "x @ W" layout, no per-forward transpose); the input is read through its (b, i, j) strides, so the
-#    patch slice of the token buffer works without a copy. The epilogue adds bias[n % C_out], applies the
-#    activation (gemm.apply_activation: the exact erf GELU, SiLU, ReLU) in fp32 and scatters each row's
-#    four C_out-wide pieces to their 2x2 output pixels of the channels-last (B, 2H, 2W, C_out) tensor,
-#    rounded once to the model dtype.
+# 1. ConvTranspose 2x2 + bias + act: one gemm.gemm call, M = B*H*W input pixels, K = C_in, N = 4*C_out, with
+#        y[b, 2i+a, 2j+c, o] = act(sum_k x[b, i, j, k] * Wp[a, c, o, k] + bias[o])   (n = (a*2 + c)*C_out + o)
+#    The prepared weight Wp (2, 2, C_out, C_in) is the GEMM's (N, K) matrix as it stands; the input is read as
+#    (B, H*W, C_in) rows through its strides, so the patch slice of the token buffer works without a copy.
+#    The output goes through gemm's 4-D view rule, out[m // Mi, m % Mi, n // Ni, n % Ni], on the
+#    channels-last (B, 2H, 2W, C_out) tensor viewed as (B*H, W, 2, 2*C_out): rows (b, i) and j, columns a
+#    and the (c, o) pair, which lies contiguous in the output (pixels 2j and 2j+1 of row 2i+a). The epilogue
+#    adds bias[n % C_out] (the bias repeated four times: one small copy a call), applies the activation
+#    (the exact erf GELU, SiLU, ReLU) in fp32 and rounds once to the model dtype. It is tuned as every
+#    GEMM is: on sm_90, pointer and TMA tiles (gemm._tune), the TMA ones where A is a 2-D matrix (batch 1,
+#    or a contiguous input: the second block's).
 # 2. depthwise 3x3 (zero padding 1, no bias) + LayerNorm over channels: one program walks a segment of
 #    one output row in blocks of BLOCK_P pixels, each with all C channels in registers (fp32): nine taps
 #    (read from L1/L2), the two-pass LayerNorm statistics, the block's output. The nine weight vectors
@@ -67,106 +72,15 @@ import functools  # noqa: E402
 from . import gemm as _gemm  # noqa: E402
 from ._autotune import autotune  # noqa: E402
 from ._triton import INTERPRETING, LAUNCH_OPTIONS, cdiv, check_devices, gpu_arch, next_power_of_2, on_input_device, tl, triton  # noqa: E402  (Triton, or a stand-in)
-from .gemm import apply_activation, grouped_tile, split_columns  # noqa: E402
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_CHANNELS = 4096  # the depthwise + LayerNorm kernel holds a pixel's channels in registers
 
 
 def convt_configs(fp32: bool = False) -> list[_gemm.GemmConfig]:
-    """The tiles the autotuner tries (one under the interpreter): gemm.py's lists for epilogues that
-    compute scattered addresses (at most 64 fp32 accumulators a thread)."""
+    """The pointer tiles the ConvTranspose GEMM is tuned over (gemm.py's list for its 4-D output view; on sm_90
+    its TMA tiles too, ``gemm.gemm_configs(view_4d=True, tma=True)``)."""
     return _gemm.gemm_configs(fp32=fp32, view_4d=True)
-
-
-@functools.lru_cache(maxsize=None)
-def _tuned_convt_kernel(fp32: bool, arch: tuple[int, int] | None = None):  # one per arch: _triton.gpu_arch
-    configs = [triton.Config(c.meta(), num_warps=c.num_warps, num_stages=c.num_stages) for c in convt_configs(fp32)]
-    key = ["M", "N", "K", "ACTIVATION", "ALIGNED", "OUT_ALIGNED"]  # every flag that changes the compiled code
-    return autotune(_convt_act_kernel, configs, key)
-
-
-@triton.jit
-def _convt_epilogue(
-    acc, offs_m, offs_n, M, N, C_out, H, W, Bias, Out,
-    stride_ob, stride_oh, stride_ow, stride_oc, ACTIVATION: tl.constexpr, OUT_ALIGNED: tl.constexpr,
-):
-    """act(acc + bias) of rows offs_m = (b, i, j), columns offs_n = (a, c, o) to Out[b, 2i+a, 2j+c, o]."""
-    if OUT_ALIGNED:  # N % 16 == 0 in a form the alignment analysis reads (vector-wide masks)
-        mask_n = offs_n < N // 16 * 16
-    else:
-        mask_n = offs_n < N
-    mask = (offs_m < M)[:, None] & mask_n[None, :]
-    channel = offs_n % C_out
-    y = acc + tl.load(Bias + channel, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    y = apply_activation(y, ACTIVATION)
-    pixel = offs_m % (H * W)
-    out_rows = (Out + (offs_m // (H * W)).to(tl.int64) * stride_ob + (2 * (pixel // W)).to(tl.int64) * stride_oh
-                + (2 * (pixel % W)).to(tl.int64) * stride_ow)  # [BLOCK_M] output pixel (2i, 2j)
-    out_cols = (offs_n // (2 * C_out)) * stride_oh + ((offs_n // C_out) % 2) * stride_ow + channel * stride_oc
-    if OUT_ALIGNED:  # C_out % 16 == 0, 16-element aligned pixel strides: runs of 16 contiguous channels
-        out_rows = tl.multiple_of(out_rows, [16])
-        out_cols = tl.max_contiguous(tl.multiple_of(out_cols, [16]), [16])
-    tl.store(out_rows[:, None] + out_cols[None, :], y.to(Out.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _convt_act_kernel(
-    X,  # (B, H, W, C_in) input, channels-last, any strides
-    Wt,  # (C_in, 4*C_out) prepared ConvTranspose weight (C_in, 2, 2, C_out) as a (K, N) matrix
-    Bias,  # (C_out,) unit stride
-    Out,  # (B, 2H, 2W, C_out) output, any strides
-    M, N, K,  # M = B*H*W, N = 4*C_out, K = C_in
-    C_out, H, W,
-    stride_xb, stride_xh, stride_xw, stride_xc,
-    stride_wk, stride_wn,
-    stride_ob, stride_oh, stride_ow, stride_oc,
-    ACTIVATION: tl.constexpr,  # gemm.ACTIVATIONS code of the activation
-    ALIGNED: tl.constexpr,  # K % 16 == 0, N % 16 == 0, 16-byte aligned input pixels and weight rows
-    OUT_ALIGNED: tl.constexpr,  # C_out % 16 == 0, 16-element aligned output pixel strides, aligned Out
-    DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    EPILOGUE_SUBTILES: tl.constexpr,
-):
-    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    # Rows/columns past the end are wrapped into range: their loads need no mask, their results are
-    # never stored.
-    rows = offs_m % M
-    cols = offs_n % N
-    pixel = rows % (H * W)
-    x_rows = (X + (rows // (H * W)).to(tl.int64) * stride_xb + (pixel // W).to(tl.int64) * stride_xh
-              + (pixel % W).to(tl.int64) * stride_xw)  # [BLOCK_M] input pixels
-    k_hi = K
-    if ALIGNED:
-        x_rows = tl.multiple_of(x_rows, [16])
-        # N % 16 == 0: the wrapped columns are runs of 16 consecutive ones (hinted on the modulo itself: a
-        # hint on ``cols * stride_wn`` would vanish when the JIT folds stride_wn == 1)
-        cols = tl.max_contiguous(tl.multiple_of(cols, [16]), [16])
-        k_hi = K // 16 * 16  # a no-op, in a form the alignment analysis reads
-    w_cols = cols * stride_wn
-    offs_k = tl.arange(0, BLOCK_K)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for _ in range(0, k_hi, BLOCK_K):
-        mask_k = offs_k < k_hi
-        w_rows = Wt + offs_k.to(tl.int64) * stride_wk  # [BLOCK_K] weight rows (input channels)
-        if ALIGNED:
-            w_rows = tl.multiple_of(w_rows, [16])
-        a = tl.load(x_rows[:, None] + offs_k[None, :] * stride_xc, mask=mask_k[None, :], other=0.0)
-        w = tl.load(w_rows[:, None] + w_cols[None, :], mask=mask_k[:, None], other=0.0)
-        acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
-        offs_k += BLOCK_K
-    if EPILOGUE_SUBTILES == 2:  # two column halves in turn: fewer live registers
-        acc_left, acc_right = split_columns(acc, BLOCK_M, BLOCK_N)
-        offs_left = pid_n * BLOCK_N + tl.arange(0, BLOCK_N // 2)
-        _convt_epilogue(acc_left, offs_m, offs_left, M, N, C_out, H, W, Bias, Out,
-                        stride_ob, stride_oh, stride_ow, stride_oc, ACTIVATION, OUT_ALIGNED)
-        _convt_epilogue(acc_right, offs_m, offs_left + BLOCK_N // 2, M, N, C_out, H, W, Bias, Out,
-                        stride_ob, stride_oh, stride_ow, stride_oc, ACTIVATION, OUT_ALIGNED)
-    else:
-        _convt_epilogue(acc, offs_m, offs_n, M, N, C_out, H, W, Bias, Out,
-                        stride_ob, stride_oh, stride_ow, stride_oc, ACTIVATION, OUT_ALIGNED)
 
 
 @triton.jit
@@ -306,29 +220,24 @@ def _tuned_dwconv_kernel(arch: tuple[int, int] | None = None):  # one per arch: 
 @on_input_device
 def convt_activation(x: torch.Tensor, convt_weight: torch.Tensor, convt_bias: torch.Tensor, activation: str = "gelu",
                      *, out: torch.Tensor | None = None, config: _gemm.GemmConfig | None = None) -> torch.Tensor:
-    """act(ConvTranspose2d(k=2, s=2)(x) + bias), channels-last: (B, H, W, C_in) -> (B, 2H, 2W, C_out)."""
+    """act(ConvTranspose2d(k=2, s=2)(x) + bias), channels-last: (B, H, W, C_in) -> (B, 2H, 2W, C_out), one GEMM
+    (``gemm.gemm``) scattering its rows to the 2x2 output pixels. ``out``: a channels-last contiguous tensor to
+    write into; ``config`` fixes the GEMM tile."""
     batch, height, width, c_in = x.shape
-    c_out = convt_weight.shape[-1]
-    weight = convt_weight.reshape(c_in, 4 * c_out)  # a view of the prepared (contiguous) weight
+    c_out = convt_weight.shape[2]
     if out is None:
         out = torch.empty((batch, 2 * height, 2 * width, c_out), dtype=x.dtype, device=x.device)
-    m, n, k = batch * height * width, 4 * c_out, c_in
+    elif not out.is_contiguous():
+        raise ValueError("out must be contiguous (channels-last (B, 2H, 2W, C_out)): the GEMM writes it through "
+                         "a 4-D view of its (b, i), j, a and (c, o) indices")
     if out.numel() == 0:
         return out
-    bias = convt_bias if convt_bias.stride(0) == 1 else convt_bias.contiguous()
-    aligned = (k % 16 == 0 and n % 16 == 0 and x.stride(3) == 1 and weight.stride(1) == 1
-               and _aligned16(x, x.stride()[:3]) and _aligned16(weight, weight.stride()[:1]))
-    out_aligned = (c_out % 16 == 0 and out.stride(3) == 1 and _aligned16(out, out.stride()[:3])
-                   and all(s % 16 == 0 for s in out.stride()[:3]))
-    args = (x, weight, bias, out, m, n, k, c_out, height, width, *x.stride(), *weight.stride(), *out.stride())
-    meta = dict(ACTIVATION=_gemm.ACTIVATIONS[check_activation(activation)], ALIGNED=aligned, OUT_ALIGNED=out_aligned,
-                DOT_PRECISION=_gemm.FP32_DOT_PRECISION if x.dtype == torch.float32 else "tf32")  # 16-bit: unused
-    grid = lambda cfg: (cdiv(m, cfg["BLOCK_M"]) * cdiv(n, cfg["BLOCK_N"]),)  # noqa: E731
-    if config is not None:
-        _convt_act_kernel[grid(config.meta())](*args, **meta, **config.meta(), num_warps=config.num_warps,
-                                                num_stages=config.num_stages, **LAUNCH_OPTIONS)
-    else:
-        _tuned_convt_kernel(x.dtype == torch.float32, arch=gpu_arch(x))[grid](*args, **meta, **LAUNCH_OPTIONS)
+    # out[b, 2i + a, 2j + c, o] = view[(b, i), j, a, (c, o)]: a view of out, written in place
+    view = out.view(batch * height, 2, width, 2 * c_out).transpose(1, 2)
+    rows = x.reshape(batch, height * width, c_in)  # a view for the token buffer's patch slice and contiguous x
+    _gemm.gemm(rows, convt_weight.reshape(4 * c_out, c_in), convt_bias.repeat(4), activation=check_activation(activation),
+               out=view,
+               config=config)
     return out
 
 
@@ -375,9 +284,10 @@ def upscale_block_forward(
     if x.dim() != 4:
         raise ValueError(f"x must be channels-last (B, H, W, C), got shape {tuple(x.shape)}")
     batch, height, width, channels = x.shape
-    if convt_weight.dim() != 4 or tuple(convt_weight.shape[:3]) != (channels, 2, 2):
-        raise ValueError(f"convt_weight must be prepared as ({channels}, 2, 2, C_out), got {tuple(convt_weight.shape)}")
-    c_out = convt_weight.shape[3]
+    if convt_weight.dim() != 4 or tuple(convt_weight.shape[:2]) != (2, 2) or convt_weight.shape[3] != channels:
+        raise ValueError(f"convt_weight must be prepared as (2, 2, C_out, {channels}) (prepare_convt_weight), got "
+                         f"{tuple(convt_weight.shape)}")
+    c_out = convt_weight.shape[2]
     for name, t, shape in (("convt_bias", convt_bias, (c_out,)), ("dw_weight", dw_weight, (c_out, 1, 3, 3)),
                            ("ln_weight", ln_weight, (c_out,)), ("ln_bias", ln_bias, (c_out,))):
         if tuple(t.shape) != shape:
@@ -419,7 +329,7 @@ def upscale_block(
 @upscale_block.register_fake
 def _(x, convt_weight, convt_bias, dw_weight, ln_weight, ln_bias, eps, activation="gelu"):
     batch, height, width, _ = x.shape
-    return x.new_empty((batch, 2 * height, 2 * width, convt_weight.shape[-1]))
+    return x.new_empty((batch, 2 * height, 2 * width, convt_weight.shape[2]))
 
 
 TRITON_OPS = {"upscale": upscale_block}
@@ -428,26 +338,6 @@ TRITON_OPS = {"upscale": upscale_block}
 # ---- ahead-of-time compile checks (eomt-fast check-kernels) ----------------------------------------------
 
 _TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-
-
-def convt_aot_spec(dtype: torch.dtype, config: _gemm.GemmConfig, activation: str = "gelu"):
-    """``_convt_act_kernel`` as the launcher compiles it on a GPU for a contiguous input and output and the
-    prepared weight (unit strides are constants, as the JIT specialises them; ALIGNED flags set)."""
-    from eomt_fast.aot import KernelSpec
-
-    t = _TRITON_DTYPE[dtype]
-    ints = ["M", "N", "K", "C_out", "H", "W", "stride_xb", "stride_xh", "stride_xw", "stride_wk",
-            "stride_ob", "stride_oh", "stride_ow"]
-    constexprs = {"stride_xc": 1, "stride_wn": 1, "stride_oc": 1, "ACTIVATION": _gemm.ACTIVATIONS[activation],
-                  "ALIGNED": True, "OUT_ALIGNED": True,
-                  "DOT_PRECISION": _gemm.FP32_DOT_PRECISION if dtype == torch.float32 else "tf32", **config.meta()}
-    signature = {"X": f"*{t}", "Wt": f"*{t}", "Bias": f"*{t}", "Out": f"*{t}", **{n: "i32" for n in ints},
-                 **{n: "constexpr" for n in constexprs}}
-    c = config
-    name = (f"upscale_convt_{activation}_{t}_{c.block_m}x{c.block_n}x{c.block_k}_w{c.num_warps}s{c.num_stages}"
-            + (f"_sub{c.epilogue_subtiles}" if c.epilogue_subtiles > 1 else ""))
-    return KernelSpec(name=name, fn=_convt_act_kernel, signature=signature, constexprs=constexprs,
-                      num_warps=c.num_warps, num_stages=c.num_stages, needs_wgmma=dtype != torch.float32)
 
 
 def dwconv_aot_spec(dtype: torch.dtype, channels: int, block_p: int, num_warps: int):
@@ -466,14 +356,18 @@ def dwconv_aot_spec(dtype: torch.dtype, channels: int, block_p: int, num_warps: 
 
 
 def aot_specs() -> list:
-    # the ConvT GEMM: every bf16 tile of the autotune list, the first in fp16, fp32, SiLU (EoMT-DINOv3's gated
-    # models) at the largest bf16 tile; the depthwise +
-    # LayerNorm kernel at every tile of the hidden sizes of ViT-S/B/L/g (384, 768, 1024, 1536), bf16 and fp32
-    configs = convt_configs()
-    return ([convt_aot_spec(torch.bfloat16, c) for c in configs]
-            + [convt_aot_spec(torch.float16, configs[0]), convt_aot_spec(torch.bfloat16, configs[0], "silu")]
-            + [convt_aot_spec(torch.float32, c) for c in convt_configs(fp32=True)]
+    # the ConvT GEMM (gemm.py's kernel with the 4-D output view, bias and the activation): every bf16 tile of its
+    # autotune lists for a 2-D A (pointer and TMA) and for a row-split one (the token buffer's patch slice at
+    # batch > 1: pointer tiles), the first in fp16, SiLU (EoMT-DINOv3's gated models) at the first tile, fp32;
+    # the depthwise + LayerNorm kernel at every tile of the hidden sizes of ViT-S/B/L/g (384, 768, 1024,
+    # 1536), bf16 and fp32
+    convt = dict(view_4d=True, activation="gelu")
+    return (_gemm.gemm_aot_specs("upscale_convt_gelu", **convt)
+            + [_gemm.gemm_aot_spec("upscale_convt_gelu_rows3d", torch.bfloat16, c, a_split_rows=True, **convt)
+               for c in convt_configs()]
+            + [_gemm.gemm_aot_spec("upscale_convt_silu", torch.bfloat16, convt_configs()[0], view_4d=True,
+                                   activation="silu")]
+            + [_gemm.gemm_aot_spec("upscale_convt_gelu", torch.float32, c, **convt) for c in convt_configs(fp32=True)]
             + [dwconv_aot_spec(dtype, c, p, w) for dtype in (torch.bfloat16, torch.float32)
                for c in (384, 768, 1024, 1536) for p, w in dwconv_configs(c)]
             + [dwconv_aot_spec(torch.float16, 1024, *dwconv_configs(1024)[0])])
-

@@ -39,7 +39,6 @@ def autotuners():
     for fp32 in (False, True):
         yield "grid_mask", mask_logits._tuned_grid_mask_kernel(fp32), fixed_by_dtype, {"B", "P", "Q"}
         yield "patch_embed", patch_embed._tuned_kernel(fp32), fixed_by_dtype, {"M", "N"}
-        yield "convt", upscale._tuned_convt_kernel(fp32), fixed_by_dtype, {"M", "N"}
     # BLOCK_C = next_power_of_2(C)
     yield "dwconv", upscale._tuned_dwconv_kernel(), {"BLOCK_C"}, {"B", "H", "W"}
 
@@ -77,14 +76,14 @@ def test_every_autotuner_in_the_kernels_is_checked():
                 direct.append(f"{path.name}:{node.lineno}")
     checked = {(name, tuner.fn.fn.__name__) for name, tuner, _, _ in autotuners()}
     assert not direct, f"autotuners made without the disk cache (use _autotune.autotune): {direct}"
-    assert len(calls) == len(checked) == 6, (calls, sorted(checked))
+    assert len(calls) == len(checked) == 5, (calls, sorted(checked))
     assert all(type(tuner).__name__ == "DiskCachedAutotuner" for _, tuner, _, _ in autotuners())
 
 
 FACTORIES = {"attention": attention._tuned_attention_kernel, "gemm": gemm._tuned_kernel,
              "grid_mask": mask_logits._tuned_grid_mask_kernel, "patch_embed": patch_embed._tuned_kernel,
-             "convt": upscale._tuned_convt_kernel, "dwconv": upscale._tuned_dwconv_kernel}
-FLAGS = {"gemm": (False, False, False, False), "grid_mask": (False,), "patch_embed": (False,), "convt": (False,)}
+             "dwconv": upscale._tuned_dwconv_kernel}
+FLAGS = {"gemm": (False, False, False, False), "grid_mask": (False,), "patch_embed": (False,)}
 
 
 @pytest.mark.parametrize("name", list(FACTORIES))

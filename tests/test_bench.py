@@ -15,6 +15,7 @@ import torch
 
 from eomt_fast import bench, cli
 from eomt_fast.bench import load_harness, preset_config
+from eomt_fast.kernels.upscale import prepare_convt_weight
 
 harness = load_harness()
 BENCH_DIR = Path(harness.__file__).parent
@@ -353,7 +354,7 @@ def test_transformers_predict_transcription_is_transformers_predict(monkeypatch)
     tokens = torch.randn(2, patch_start + g * g, config["hidden_size"], generator=torch.Generator().manual_seed(0))
     head = [t for fc in (hf.mask_head.fc1, hf.mask_head.fc2, hf.mask_head.fc3) for t in (fc.weight, fc.bias)]
     layers = hf.upscale_block.block
-    blocks = [t for layer in layers for t in (layer.conv1.weight.permute(0, 2, 3, 1).contiguous(), layer.conv1.bias,
+    blocks = [t for layer in layers for t in (prepare_convt_weight(layer.conv1.weight), layer.conv1.bias,
                                               layer.conv2.weight, layer.layernorm2d.weight, layer.layernorm2d.bias)]
     args = (tokens, *head, hf.class_predictor.weight, hf.class_predictor.bias, *blocks,
             *[layer.conv1.weight for layer in layers], config["num_queries"], patch_start, g,

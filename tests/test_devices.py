@@ -31,7 +31,7 @@ def patch_embed_args(device):
 
 def upscale_args(device):
     c = 16
-    return moved(dict(x=torch.randn(1, 2, 2, c).to(F16), convt_weight=torch.randn(c, 2, 2, c).to(F16),
+    return moved(dict(x=torch.randn(1, 2, 2, c).to(F16), convt_weight=torch.randn(2, 2, c, c).to(F16),
                       convt_bias=torch.randn(c).to(F16), dw_weight=torch.randn(c, 1, 3, 3).to(F16),
                       ln_weight=torch.randn(c).to(F16), ln_bias=torch.randn(c).to(F16), eps=1e-6,
                       out=torch.empty(1, 4, 4, c, dtype=F16)), device)

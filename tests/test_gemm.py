@@ -246,6 +246,26 @@ def test_gemm_convtranspose_pixel_scatter():
     assert_close(out, theirs, exact)
 
 
+def test_4d_view_alignment_promise():
+    """OUT_ALIGNED on a 4-D view promises the compiler 16-element column runs in 16-element aligned rows (vector
+    stores through the divisions, which the JIT cannot see through): given only where it holds."""
+    def geometry(t, m, n):
+        return G._output_geometry(t, None, m, n)[0]
+
+    for c_out, expected in ((24, True), (20, False), (8, True), (4, False)):  # columns (c, o): 2 * C_out wide
+        out = torch.empty(2, 6, 10, c_out, dtype=torch.float16)
+        view = out.view(6, 2, 5, 2 * c_out).transpose(1, 2)
+        assert G._columns_aligned(view, geometry(view, 30, 4 * c_out)) is expected, c_out
+    out = torch.empty(2, 6, 10, 24, dtype=torch.float16)
+    view = out.view(6, 2, 5, 48).transpose(1, 2)
+    broadcast = torch.empty(48, dtype=torch.float16).expand(6, 5, 2, 48)  # a residual of stride-0 rows is fine,
+    assert G._columns_aligned(broadcast, (5, 48, *broadcast.stride()))  # a column stride other than 1 is not
+    assert not G._columns_aligned(view, (5, 48, *view.stride()[:3], 2))
+    offset = torch.empty(2 * 6 * 10 * 24 + 1, dtype=torch.float16)[1:].view(2, 6, 10, 24)  # 2-byte aligned base
+    shifted = offset.view(6, 2, 5, 48).transpose(1, 2)
+    assert not G._columns_aligned(shifted, geometry(shifted, 30, 96))
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
 @pytest.mark.parametrize("shape", [(1, 32), (37, 48), (130, 100)], ids=lambda s: f"M{s[0]}-C{s[1]}")
 def test_layernorm_rows(shape, dtype):

@@ -75,10 +75,11 @@ def test_matches_reference(shape, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=DTYPE_IDS.get)
-@pytest.mark.parametrize("channels", [(24, 24), (16, 40)], ids=lambda c: f"Cin{c[0]}-Cout{c[1]}")
+@pytest.mark.parametrize("channels", [(24, 24), (16, 40), (8, 20)], ids=lambda c: f"Cin{c[0]}-Cout{c[1]}")
 def test_convt_activation_pixel_scatter(channels, dtype):
     """The GEMM alone: every one of the 2x2 output pixels of every input pixel written, GELU(ConvT + b); also
-    with C_out != C_in (160 GEMM columns: 2.5 column tiles)."""
+    with C_out != C_in (160 GEMM columns: 2.5 column tiles), and with C_out 20 (column pairs of 40: no 16-wide
+    runs, so no OUT_ALIGNED promise)."""
     c_in, c_out = channels
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, 3, 5, c_in, generator=g).to(dtype)
@@ -87,8 +88,8 @@ def test_convt_activation_pixel_scatter(channels, dtype):
     out = poison_(x.new_empty(2, 6, 10, c_out))
     assert convt_activation(x, weight, bias, out=out) is out
 
-    def ref(x, w, b):  # the model's nn.ConvTranspose2d weight is (C_in, C_out, 2, 2)
-        return F.gelu(F.conv_transpose2d(x.permute(0, 3, 1, 2), w.permute(0, 3, 1, 2), b, stride=2)).permute(0, 2, 3, 1)
+    def ref(x, w, b):  # the model's nn.ConvTranspose2d weight is (C_in, C_out, 2, 2); prepared (2, 2, C_out, C_in)
+        return F.gelu(F.conv_transpose2d(x.permute(0, 3, 1, 2), w.permute(3, 2, 0, 1), b, stride=2)).permute(0, 2, 3, 1)
 
     theirs = ref(x.float(), weight.float(), bias.float()).to(dtype)  # CPU conv_transpose2d: no fp16 kernel
     assert_close(out, theirs, ref(x.double(), weight.double(), bias.double()))
@@ -172,7 +173,9 @@ def test_registered_op():
 def test_invalid_inputs():
     x, wt, b, dw, lnw, lnb, eps = make_inputs(1, 2, 2, 8, torch.float32)
     with pytest.raises(ValueError, match="prepared"):
-        upscale_block_forward(x, wt.permute(0, 3, 1, 2), b, dw, lnw, lnb, eps)  # the checkpoint layout
+        upscale_block_forward(x, wt.permute(3, 2, 0, 1), b, dw, lnw, lnb, eps)  # the checkpoint layout
+    with pytest.raises(ValueError, match="prepared"):
+        upscale_block_forward(x, wt.permute(3, 0, 1, 2), b, dw, lnw, lnb, eps)  # the layout before 2026-12-06
     with pytest.raises(TypeError):
         upscale_block_forward(x.half(), wt, b, dw, lnw, lnb, eps)
     with pytest.raises(ValueError, match="dw_weight"):
@@ -183,11 +186,14 @@ def test_invalid_inputs():
 
 
 def test_aot_sm90_no_spills_and_wgmma():
-    """Every bf16/fp32 AOT spec compiles for sm_90 without spills, the 16-bit ConvT GEMMs with wgmma. In a
-    subprocess: under TRITON_INTERPRET the kernels are interpreter functions, not compilable ones."""
+    """Every bf16/fp32 AOT spec compiles for sm_90 without spills, the 16-bit ConvT GEMMs (gemm.py's kernel with
+    the 4-D output view) with wgmma, its TMA tiles with TMA. In a subprocess: under TRITON_INTERPRET the kernels
+    are interpreter functions, not compilable ones."""
     reports = compile_aot_specs_sm90("upscale")
-    convt = [r for r in reports if r["name"].startswith(("upscale_convt_gelu_bf16", "upscale_convt_silu_bf16"))]
+    convt = [r for r in reports if r["name"].startswith(("upscale_convt_gelu_bf16", "upscale_convt_silu_bf16",
+                                                          "upscale_convt_gelu_rows3d_bf16"))]
     assert len({r["name"].split("_")[2] for r in convt}) == 2 and all(r["wgmma"] for r in convt)
+    assert any(r["name"].endswith("_tma") and r["tma"] for r in convt)
     assert any(r["name"].startswith("upscale_dwconv_layernorm") for r in reports)
 
 
