@@ -26,6 +26,10 @@ too); replacing a parameter object by hand is not detected (load new weights wit
 The graphs run on the model's device, made current for the call (it need not be the current one). Each
 graph keeps its own memory pool until ``clear()``: a runner called at many batch sizes holds one pool each.
 
+Calls from several threads take turns (a lock around copy, replay and clone; a call on another CUDA stream
+waits on the GPU for the previous call's clones), so each gets its own input's outputs; with
+``clone_outputs=False`` the returned buffers are shared by all of them.
+
 The capture is injectable (``capture=``): ``capture_eagerly`` runs the same buffer and key logic on any
 device without a graph, for tests and debugging.
 """
@@ -34,6 +38,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -107,6 +112,9 @@ class CudaGraphs:
         self._needs_cuda = capture is None
         self._graphs: dict[tuple, _Graph] = {}
         self._weights_generation = model.weights_generation
+        # one call at a time: a graph's static input and outputs are shared by every call of its key
+        self._lock = threading.Lock()
+        self._last_call: torch.cuda.Event | None = None  # the last call's copy-replay-clone, on its stream
         self._check_model()
 
     def _check_model(self) -> None:
@@ -132,6 +140,7 @@ class CudaGraphs:
         clone = copy.copy(self)
         clone.model = copy.deepcopy(self.model, memo)
         clone._graphs = {}
+        clone._lock, clone._last_call = threading.Lock(), None
         return clone
 
     def key(self, pixel_values: torch.Tensor) -> tuple:
@@ -165,7 +174,11 @@ class CudaGraphs:
             raise ValueError("generator= cannot drive the random unmasking (attn_mask_probs strictly between 0 "
                              "and 1) of a captured CUDA graph, which draws from the default CUDA generator; "
                              "call with generator=None, or disable cuda_graphs for this call")
-        with device_of(pixel_values):  # the model's device (checked above): streams, capture and kernels there
+        # Threads: one call at a time writes the static input, replays and clones the outputs (the host part);
+        # a call on another CUDA stream than the last one first waits for that one's clones on the GPU.
+        with self._lock, device_of(pixel_values):  # the model's device (checked above): streams, capture, kernels
+            if self._last_call is not None:
+                torch.cuda.current_stream().wait_event(self._last_call)
             graph = self._graphs.get(key)
             if graph is None:
                 graph = self._graphs[key] = self._record(pixel_values)  # the static input holds pixel_values
@@ -173,6 +186,9 @@ class CudaGraphs:
                 graph.static_input.copy_(pixel_values)
             graph.replay()
             outputs = tuple(t.clone() for t in graph.outputs) if self.clone_outputs else graph.outputs
+            if self._needs_cuda:
+                self._last_call = torch.cuda.Event()
+                self._last_call.record()
         return model._output(*outputs, patch_offsets)
 
     def _record(self, pixel_values: torch.Tensor) -> _Graph:

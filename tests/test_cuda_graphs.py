@@ -63,6 +63,41 @@ def test_replays_equal_eager_and_one_capture_per_key():
     assert capture.captures == 3
 
 
+def test_calls_from_threads_take_turns():
+    """Two threads on one runner: each gets its own input's outputs. The replay is slowed down so that without
+    the lock the second thread's input copy lands in the static input while the first replays."""
+    import threading
+    import time
+
+    model = small_model()
+
+    def slow_capture(fn):
+        replay, outputs = capture_eagerly(fn)
+
+        def slow_replay() -> None:
+            time.sleep(0.2)
+            replay()
+
+        return slow_replay, outputs
+
+    graphs = CudaGraphs(model, capture=slow_capture)
+    inputs = [pixels(2, 10 + i) for i in range(3)]
+    graphs(inputs[0])  # captured: later calls replay
+    results: dict[int, object] = {}
+
+    def call(i: int) -> None:
+        results[i] = graphs(inputs[i])
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+        time.sleep(0.05)  # each starts while the one before is inside its replay
+    for t in threads:
+        t.join()
+    for i, x in enumerate(inputs):
+        assert_same_outputs(results[i], model(x))
+
+
 def test_outputs_are_clones_that_later_calls_leave_alone():
     model = small_model()
     graphs = CudaGraphs(model, capture=capture_eagerly)

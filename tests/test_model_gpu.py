@@ -240,6 +240,35 @@ def test_direct_runner_recaptures_after_the_weights_move_gpu():
 
 
 @pytest.mark.gpu
+def test_graphs_called_from_threads_on_their_own_streams_gpu():
+    """Threads on streams of their own share one runner: each call waits for the previous one's clones on the
+    GPU before its input copy overwrites the static input, so every thread gets its own input's outputs."""
+    import threading
+
+    model = small_triton_model("cuda")
+    model.enable_cuda_graphs()
+    inputs = [torch.randn(2, 3, 64, 64, device="cuda", generator=torch.Generator("cuda").manual_seed(i))
+              for i in range(6)]
+    expected = [model._output(*model._forward_tensors(x), None) for x in inputs]  # eager, same kernels
+    model(inputs[0])  # captured
+    results: dict[int, object] = {}
+
+    def work(indices: list[int]) -> None:
+        with torch.cuda.stream(torch.cuda.Stream()):
+            for i in indices:
+                results[i] = model(inputs[i])
+            torch.cuda.current_stream().synchronize()
+
+    threads = [threading.Thread(target=work, args=(list(range(k, 6, 2)),)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in range(6):
+        assert_identical(results[i], expected[i], f"call {i}")
+
+
+@pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
 def test_model_on_a_device_that_is_not_current_gpu():
     """Triton launches on the current device: a model on cuda:1 while cuda:0 is current must still run its
