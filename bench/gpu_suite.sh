@@ -15,8 +15,10 @@
 #                  slowest 25 listed), then eomt-fast bench on EoMT-L/640, bf16, masking off, batch 1 and 8:
 #                  eomt_fast, eomt_fast with CUDA graphs and transformers-sdpa, each timed by do_bench (25
 #                  calls or more, at most 5 s; --budget counts on CPUs only), in what is left; then, while at
-#                  least 60 s are left, cut where the time ends: profile (about a minute), mlp and linear without
-#                  torch.compile (seconds a shape), then mlp with it (max-autotune compiles for minutes)
+#                  least 60 s are left, cut where the time ends: profile (about a minute), mlp, linear and
+#                  upscale without torch.compile (seconds a shape; upscale: the ConvTranspose through the shared
+#                  GEMM and the tuned depthwise segment, new on 2026-12-06), then mlp with it (max-autotune
+#                  compiles for minutes)
 #   tests          pytest -m gpu (the GPU tests) except tests/test_model_gpu.py, log only (8 processes, each
 #                  test cut at 240 s, where pytest-xdist and pytest-timeout are installed: see GPU_TESTS)
 #   model-tests    pytest -m gpu tests/test_model_gpu.py: ViT-S/B/L models end to end against transformers,
@@ -196,6 +198,7 @@ run_step() {
                              --out "bench/results/$("$PY" bench/harness.py slug)_profile_host.txt"
                          with_what_is_left "$PY" bench/bench_layernorm_mlp.py "${KERNEL_ARGS[@]}" --no-compile
                          with_what_is_left "$PY" bench/bench_linear.py "${KERNEL_ARGS[@]}" --no-compile
+                         with_what_is_left "$PY" bench/bench_upscale.py "${KERNEL_ARGS[@]}" --no-compile
                          with_what_is_left "$PY" bench/bench_layernorm_mlp.py "${KERNEL_ARGS[@]}"
                          [ $first -eq 0 ] && [ $second -eq 0 ] ;;
             tests)       timeout "${INT[@]}" $((STEP_TIMEOUT - 30)) "${NO_TUNING_CACHE[@]}" "$PY" "${GPU_TESTS[@]}" --durations 25 ;;

@@ -434,6 +434,7 @@ def test_e2e_threshold_and_comparison_rules():
 FAKE_PYTHON = """#!/bin/sh
 # stands in for python3: records each call, answers the suite's probes
 echo "$*" >> "$CALLS"
+[ "${EOMT_FAST_AUTOTUNE_CACHE-}" = 0 ] && echo "$*" >> "$CALLS.no_autotune_cache"
 case "$1" in
     bench/harness.py) echo fake-device ;;
     -c) case "$2" in *xdist*) exit "$HAS_XDIST" ;; *pytest_timeout*) exit "$HAS_TIMEOUT" ;; esac ;;
@@ -505,8 +506,8 @@ def test_gpu_suite_refuses_an_unknown_step_before_running_anything(tmp_path):
 
 def test_gpu_suite_first_look_fills_what_is_left_with_kernel_benchmarks(tmp_path):
     """first-look: the GPU tests, the EoMT-L/640 model benchmark, then while at least 60 s of the step are left
-    the host profile of an eager forward, the MLP and linear kernel benchmarks without torch.compile and the
-    MLP one with it."""
+    the host profile of an eager forward, the MLP, linear and upscale kernel benchmarks without torch.compile
+    and the MLP one with it. The tests alone run without the autotune cache."""
     out = tmp_path / "out"
     rc, err, calls = run_gpu_suite(tmp_path, "first-look", out=out)
     assert rc == 0, err
@@ -514,9 +515,13 @@ def test_gpu_suite_first_look_fills_what_is_left_with_kernel_benchmarks(tmp_path
     runs = [c for c in calls if not c.startswith(("-c ", "bench/harness.py"))]
     assert [c.split(" --")[0] for c in runs] == [
         "-P -m pytest -m gpu -q -rfEs -n 8", "-P -m eomt_fast.cli bench", "bench/profile_host.py",
-        "bench/bench_layernorm_mlp.py", "bench/bench_linear.py", "bench/bench_layernorm_mlp.py"]
+        "bench/bench_layernorm_mlp.py", "bench/bench_linear.py", "bench/bench_upscale.py",
+        "bench/bench_layernorm_mlp.py"]
     assert runs[2].endswith("--out bench/results/fake-device_profile_host.txt")
-    assert runs[3].endswith("--filter eomt-l-640 --no-compile") and runs[5].endswith("--filter eomt-l-640")
+    assert runs[3].endswith("--filter eomt-l-640 --no-compile") and runs[6].endswith("--filter eomt-l-640")
+    assert runs[5].endswith("--filter eomt-l-640 --no-compile")
+    no_cache = (tmp_path / "calls.txt.no_autotune_cache").read_text().splitlines()
+    assert [c.split(" --")[0] for c in no_cache if not c.startswith("-c ")] == ["-P -m pytest -m gpu -q -rfEs -n 8"]
     rc, err, calls = run_gpu_suite(tmp_path, "first-look", first_look_timeout=50)  # under 60 s left: no extras
     assert rc == 0, err
     assert not any(c.startswith(("bench/bench_", "bench/profile_host")) for c in calls)
@@ -538,7 +543,7 @@ def test_gpu_suite_first_look_copies_to_out_after_each_command_and_counts_from_t
         while words[0].startswith("-"):
             words = words[2:]
         durations.append(int(words[0]))
-    assert len(durations) == 6 and 45 <= durations[0] <= 50  # the tests: half, from the start
+    assert len(durations) == 7 and 45 <= durations[0] <= 50  # the tests: half, from the start
     assert all(90 <= d <= 100 for d in durations[1:]), durations  # the rest: what is left of 100 s
 
 
