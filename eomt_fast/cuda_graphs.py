@@ -68,7 +68,9 @@ def capture_cuda_graph(fn: Callable[[], Outputs], warmup: int = 2) -> tuple[Call
             fn()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=torch.cuda.Stream()):
+    # thread_local: CUDA calls of other threads (their own work, allocations, syncs) during this capture are
+    # theirs, not an error of this capture (CudaGraphs lets one of its own calls in at a time)
+    with torch.cuda.graph(graph, stream=torch.cuda.Stream(), capture_error_mode="thread_local"):
         outputs = fn()
     return graph.replay, tuple(outputs)
 
@@ -135,6 +137,17 @@ class CudaGraphs:
         """Drop every captured graph (and with it its memory pool and static buffers)."""
         self._graphs.clear()
 
+    def __getstate__(self) -> dict:
+        # pickled (torch.save of the model, a spawned worker) without its graphs, lock and event: the copy
+        # captures its own graphs on its first calls
+        state = self.__dict__.copy()
+        state.update(_graphs={}, _lock=None, _last_call=None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
     def __deepcopy__(self, memo: dict) -> CudaGraphs:
         # a copied model gets a runner of its own, with no graphs (they point into this model's memory)
         clone = copy.copy(self)
@@ -166,17 +179,18 @@ class CudaGraphs:
             return model._empty_output(patch_offsets)
         if self._needs_cuda and model.device.type != "cuda":
             raise RuntimeError(f"cuda_graphs=True needs the model on a CUDA device, it is on {model.device}")
-        if model.weights_generation != self._weights_generation:  # moved, cast or assigned since the captures:
-            self.clear()  # their graphs read the old addresses
-            self._weights_generation = model.weights_generation
-        key = self.key(pixel_values)
-        if generator is not None and any(0 < p < 1 for p in key[-1]):
-            raise ValueError("generator= cannot drive the random unmasking (attn_mask_probs strictly between 0 "
-                             "and 1) of a captured CUDA graph, which draws from the default CUDA generator; "
-                             "call with generator=None, or disable cuda_graphs for this call")
-        # Threads: one call at a time writes the static input, replays and clones the outputs (the host part);
-        # a call on another CUDA stream than the last one first waits for that one's clones on the GPU.
+        # Threads: one call at a time reads the key (masking_probs may sync), writes the static input, replays
+        # and clones the outputs (the host part); a call on another CUDA stream than the last one first waits
+        # for that one's clones on the GPU.
         with self._lock, device_of(pixel_values):  # the model's device (checked above): streams, capture, kernels
+            if model.weights_generation != self._weights_generation:  # moved, cast or assigned since the captures:
+                self.clear()  # their graphs read the old addresses
+                self._weights_generation = model.weights_generation
+            key = self.key(pixel_values)
+            if generator is not None and any(0 < p < 1 for p in key[-1]):
+                raise ValueError("generator= cannot drive the random unmasking (attn_mask_probs strictly between 0 "
+                                 "and 1) of a captured CUDA graph, which draws from the default CUDA generator; "
+                                 "call with generator=None, or disable cuda_graphs for this call")
             if self._last_call is not None:
                 torch.cuda.current_stream().wait_event(self._last_call)
             graph = self._graphs.get(key)

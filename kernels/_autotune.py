@@ -14,7 +14,8 @@ timings as the autotuner measured them (median, p20, p80 in ms; inf for a config
 config's position in the list tried: read back, they give the same winner, and ``gemm._tune`` compares its
 pointer / TMA / persistent variants on the same medians. The file's name is a hash of everything the
 choice depends on: the kernel's source (Triton's ``JITFunction.cache_key``, which covers the @triton.jit
-functions it calls), each config tried (its values and pre-hook), the autotune key's values and dtypes,
+functions it calls), each config tried (its values and pre-hook), the autotune key's values and dtypes, the
+launch flags the autotuner was built for that its key does not hold (``variant``: the GEMM's GLU, ...),
 the GPU's name and compute capability (an H100 and an H200 are both sm_90 and are tuned apart), Triton's
 own key (its version and installation) and the environment variables its compiler reads. Changing any of
 them tunes afresh; nothing is ever launched with a config the kernel does not list now.
@@ -48,8 +49,8 @@ ENV = "EOMT_FAST_AUTOTUNE_CACHE"
 FORMAT = 1  # of the files written; another value is not read
 
 
-# How many keys this process tuned, by where their timings came from ("disk", "benchmarked"): what
-# bench/profile_host.py reports beside the first call's time.
+# How many keys this process tuned, by where their timings came from ("disk", "this process",
+# "benchmarked": load_or_benchmark): what bench/profile_host.py reports beside the first call's time.
 TUNINGS: collections.Counter = collections.Counter()
 
 
@@ -77,16 +78,20 @@ def describe_cache() -> str:
     return f"on, in {cache_dir()} (*.eomt_fast_autotune.json; {ENV}=0 turns it off)"
 
 
-def autotune(fn, configs: list, key: list[str], *, prune_configs_by: dict | None = None,
+def autotune(fn, configs: list, key: list[str], *, variant: tuple = (), prune_configs_by: dict | None = None,
              restore_value: list[str] | None = None, report: bool = True):
     """``triton.autotune(configs=configs, key=key, ...)(fn)`` with its results kept on disk (module docstring).
-    Every autotuned kernel of the package is made here (tests/test_autotune_keys.py checks that). ``report``:
-    list its choices in ``tuned_configs()`` (gemm.py's tuners do not: ``gemm.tuned_tiles`` says more)."""
+    Every autotuned kernel of the package is made here (tests/test_autotune_keys.py checks that).
+    ``variant``: the flags a factory built this autotuner for that its key does not hold (the constexprs it
+    is launched with, e.g. the GEMM's GLU or 4-D output view): part of the file name, so that two autotuners
+    of one kernel with the same configs and key values never read each other's timings. ``report``: list
+    its choices in ``tuned_configs()`` (gemm.py's tuners do not: ``gemm.tuned_tiles`` says more). No
+    ``reset_to_zero``: a choice read from disk runs no benchmark, so nothing would reset."""
     if not HAS_TRITON:  # the stand-in: importing works, launching says Triton is missing
         return triton.autotune(configs=configs, key=key)(fn)
     tuner = _tuner_class()(fn, fn.arg_names, configs, key, reset_to_zero=None, restore_value=restore_value,
                            prune_configs_by=prune_configs_by, cache_results=True)
-    tuner.report = report
+    tuner.report, tuner.variant = report, tuple(variant)
     return tuner
 
 
@@ -132,20 +137,23 @@ def _tuner_class() -> type:
         from_disk: bool | None = None  # whether the last key tuned came from disk (None: none tuned yet)
 
         report: bool = True  # whether tuned_configs() lists this tuner's choices
+        variant: tuple = ()  # autotune()'s variant: in the file name
 
         def check_disk_cache(self, tuning_key, configs, bench_fn) -> bool:
-            self.from_disk = load_or_benchmark(self, tuning_key, configs, bench_fn)
+            source = load_or_benchmark(self, tuning_key, configs, bench_fn)
+            self.from_disk = source == "disk"
             if self.report:
                 _CHOICES[_kernel_name(self), tuning_key] = _describe_choice(self, tuning_key, self.from_disk)
-            return self.from_disk
+            return source != "benchmarked"  # Triton's "used a cached result"
 
     return DiskCachedAutotuner
 
 
-def load_or_benchmark(tuner, tuning_key: tuple, configs: list, bench_fn) -> bool:
+def load_or_benchmark(tuner, tuning_key: tuple, configs: list, bench_fn) -> str:
     """What the autotuner's ``check_disk_cache`` does: fill ``tuner.cache[tuning_key]`` and
-    ``tuner.configs_timings`` from disk and return True, or run ``bench_fn`` (which fills them) and write them,
-    returning False."""
+    ``tuner.configs_timings`` from a file, or run ``bench_fn`` (which fills them) and write them. Returns
+    where the timings came from: "disk" (an earlier process), "this process" (a file this process wrote:
+    gemm._tune's launcher keys share Triton keys) or "benchmarked"; counted in TUNINGS."""
     path = None
     if cache_enabled() and tuning_key:
         try:
@@ -159,16 +167,17 @@ def load_or_benchmark(tuner, tuning_key: tuple, configs: list, bench_fn) -> bool
         if timings is not None:
             tuner.cache[tuning_key] = builtins.min(timings, key=timings.get)  # as Triton picks after benchmarking
             tuner.configs_timings = timings
-            TUNINGS["disk"] += 1
-            return True
+            source = "this process" if digest in _WRITTEN else "disk"
+            TUNINGS[source] += 1
+            return source
         bench_fn()
         TUNINGS["benchmarked"] += 1
-        if cache is not None:
-            _write(cache, name, tuning_key, configs, tuner.configs_timings)
-        return False
+        if cache is not None and _write(cache, name, tuning_key, configs, tuner.configs_timings):
+            _WRITTEN.add(digest)
+        return "benchmarked"
     bench_fn()
     TUNINGS["benchmarked"] += 1
-    return False
+    return "benchmarked"
 
 
 def _read(path: str, configs: list) -> dict | None:
@@ -188,9 +197,13 @@ def _read(path: str, configs: list) -> dict | None:
         return None
 
 
-def _write(cache, name: str, tuning_key: tuple, configs: list, configs_timings: dict | None) -> None:
+_WRITTEN: set[str] = set()  # the digests of the files this process wrote
+
+
+def _write(cache, name: str, tuning_key: tuple, configs: list, configs_timings: dict | None) -> bool:
+    """Write the timings; whether a file was written."""
     if not configs_timings or any(c not in configs_timings for c in configs):
-        return  # a Triton that keeps other timings: nothing to write
+        return False  # a Triton that keeps other timings: nothing to write
     timings = []
     for config in configs:
         value = configs_timings[config]
@@ -199,8 +212,11 @@ def _write(cache, name: str, tuning_key: tuple, configs: list, configs_timings: 
             "timings": timings}
     try:
         cache.put(json.dumps(data), name, binary=False)  # Triton's put: a temporary file, then os.replace
-    except OSError as error:
-        _warn_once(f"could not write the autotune cache ({error}); kernels are benchmarked in every process")
+    except Exception as error:  # noqa: BLE001 - an OSError, or whatever a TRITON_CACHE_MANAGER raises
+        _warn_once(f"could not write the autotune cache ({type(error).__name__}: {error}); kernels are "
+                   "benchmarked in every process")
+        return False
+    return True
 
 
 def _digest(tuner, tuning_key: tuple, configs: list) -> str:
@@ -208,7 +224,8 @@ def _digest(tuner, tuning_key: tuple, configs: list) -> str:
     from triton.runtime.cache import triton_key
 
     parts = [f"eomt_fast-autotune-{FORMAT}", triton_key(), _kernel_identity(tuner.fn), _device_identity(),
-             str(sorted(get_cache_invalidating_env_vars().items())), repr(tuning_key)]
+             str(sorted(get_cache_invalidating_env_vars().items())), repr(tuning_key),
+             f"variant={getattr(tuner, 'variant', ())!r}"]
     parts += [_describe(c) for c in configs]
     return hashlib.sha256("\n".join(parts).encode("utf-8")).hexdigest()
 

@@ -364,7 +364,8 @@ def _tuned_kernel(glu: bool, ln_prologue: bool, fp32: bool, view_4d: bool, resto
     # operands) differ in registers and memory traffic, so each gets its own tuned tile
     key = ["M", "N", "K", "SPLIT_K", "ACTIVATION", "HAS_RESIDUAL", "HAS_BIAS", "HAS_SCALE", "SPLIT_ROWS",
            "A_SPLIT_ROWS", "ALIGNED", "OUT_ALIGNED"]
-    return autotune(_gemm_kernel, configs, key, restore_value=["Out"] if restore_out else None,
+    return autotune(_gemm_kernel, configs, key, variant=(glu, ln_prologue, fp32, view_4d, restore_out, tma, persistent),
+                    restore_value=["Out"] if restore_out else None,
                     report=False)  # tuned_tiles() reports them, with the variants
 
 

@@ -100,7 +100,7 @@ def _tuned_grid_mask_kernel(fp32: bool, arch: tuple[int, int] | None = None):  #
                for c in grid_mask_configs(fp32)]
     # batch 1 gives few tiles (g*g x Q), batch 8 eight times as many: each gets its own tile
     key = ["B", "P", "Q", "C", "TAPS_H", "TAPS_W", "ALIGNED"]
-    return autotune(_grid_mask_kernel, configs, key)
+    return autotune(_grid_mask_kernel, configs, key, variant=(fp32,))
 
 
 # B only keys the autotuner: not specialised (batch 1 would otherwise compile every tile again, and as

@@ -68,7 +68,7 @@ def _tuned_kernel(fp32: bool, arch: tuple[int, int] | None = None):  # one per a
     configs = [triton.Config(c.meta(), num_warps=c.num_warps, num_stages=c.num_stages)
                for c in patch_embed_configs(fp32)]
     key = ["M", "N", "K", "PATCH", "ALIGNED", "OUT_ALIGNED"]  # every flag that changes the compiled code
-    return autotune(_patch_embed_kernel, configs, key)
+    return autotune(_patch_embed_kernel, configs, key, variant=(fp32,))
 
 
 @triton.jit

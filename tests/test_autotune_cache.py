@@ -2,7 +2,8 @@
 
 Triton's real Autotuner.run drives it here, under the interpreter, with its benchmark replaced by fixed timings
 (the interpreter has no GPU timer, and turns ``cache_results`` off: the tests turn it back on per tuner). "A new
-process" is a new autotuner object: nothing but the files under TRITON_CACHE_DIR carries over.
+process" is a new autotuner object with the record of the files this process wrote cleared: nothing but the
+files under TRITON_CACHE_DIR carries over.
 """
 
 import json
@@ -40,6 +41,7 @@ CONFIGS = [triton.Config({"BLOCK": 16}, num_warps=1), triton.Config({"BLOCK": 32
 def new_tuner(timings_ms: dict[int, float], configs=CONFIGS):
     """A fresh autotuner (as a new process makes) whose benchmark of BLOCK b returns timings_ms[b] and is
     counted in ``tuner.benchmarked``."""
+    _autotune._WRITTEN.clear()  # what a new process has not written
     tuner = _autotune.autotune(_scale_kernel, configs, ["N"])
     tuner.cache_results = True  # the interpreter turns Triton's flag off; the cache logic itself runs anyway
     tuner.benchmarked = []
@@ -102,6 +104,29 @@ def test_each_choice_is_reported_once_per_key_with_where_its_times_came_from(cac
     launch(new_tuner({16: 0.1, 32: 9.0, 64: 9.0}), n=77)  # "another process": same winner, from disk
     assert _autotune.tuned_configs()[-1] == line.replace("timed)", "timed, by an earlier process: autotune cache)")
     assert sum("N=77 " in entry for entry in _autotune.tuned_configs()) == 1
+
+
+def test_a_file_this_process_wrote_is_reused_but_not_called_an_earlier_process(cache_dir):
+    first = new_tuner({16: 3.0, 32: 1.0, 64: 2.0})
+    launch(first, n=55)
+    before = dict(_autotune.TUNINGS)
+    first.cache.clear()  # as gemm._tune does between launcher keys that share a Triton key
+    launch(first, n=55)
+    assert first.benchmarked == [16, 32, 64] and first.from_disk is False and first.best_config is CONFIGS[1]
+    assert _autotune.TUNINGS["this process"] == before.get("this process", 0) + 1
+    assert _autotune.TUNINGS["disk"] == before.get("disk", 0)
+
+
+def test_autotuners_of_other_variants_do_not_share_files(cache_dir):
+    """Two autotuners of one kernel with the same configs and key values, built for different launch flags
+    (the GEMM's GLU, LN prologue, 4-D view: constexprs outside the key): each times its own."""
+    plain = new_tuner({16: 3.0, 32: 1.0, 64: 2.0})
+    launch(plain)
+    other = new_tuner({16: 0.1, 32: 9.0, 64: 9.0})
+    other.variant = ("glu",)
+    launch(other)
+    assert other.benchmarked == [16, 32, 64] and other.best_config is CONFIGS[0]
+    assert len(cached_files(cache_dir)) == 2
 
 
 def test_a_config_with_a_pre_hook_can_be_the_cached_winner(cache_dir):
@@ -199,6 +224,7 @@ def test_gemm_variants_are_chosen_from_the_cache_in_a_new_process(cache_dir, mon
                                        {(False, False): 0.1, (True, False): 9.0, (True, True): 9.0})):
         for (tma, persistent), t in timings.items():  # the TMA tiles' second config (GROUP_M + 1) is the fastest
             ms[tma, persistent, base.group_m], ms[tma, persistent, base.group_m + 1] = t * 1.5, t
+        _autotune._WRITTEN.clear()  # a new process
         monkeypatch.setattr(G, "_TILES", {})
         monkeypatch.setattr(G, "_VARIANT_TIMES", {})
         monkeypatch.setattr(G, "_LAUNCH_KWARGS", {})

@@ -98,6 +98,22 @@ def test_calls_from_threads_take_turns():
         assert_same_outputs(results[i], model(x))
 
 
+def test_a_model_with_graphs_pickles_without_them():
+    """torch.save of the model, or a spawned worker: the runner goes along without its graphs (nor its lock),
+    and the copy captures its own."""
+    import pickle
+
+    model = small_model()
+    model.enable_cuda_graphs(capture=capture_eagerly)
+    x = pixels(2, 5)
+    expected = model(x)
+    assert len(model.cuda_graphs) == 1
+    copy_ = pickle.loads(pickle.dumps(model))
+    assert len(copy_.cuda_graphs) == 0 and copy_.cuda_graphs.model is copy_
+    assert_same_outputs(copy_(x), expected)
+    assert len(copy_.cuda_graphs) == 1 and len(model.cuda_graphs) == 1
+
+
 def test_outputs_are_clones_that_later_calls_leave_alone():
     model = small_model()
     graphs = CudaGraphs(model, capture=capture_eagerly)

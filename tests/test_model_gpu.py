@@ -267,6 +267,28 @@ def test_graphs_called_from_threads_on_their_own_streams_gpu():
     for i in range(6):
         assert_identical(results[i], expected[i], f"call {i}")
 
+    # a capture (batch 3: a new graph) while another thread allocates and synchronises on the same GPU: the
+    # capture's errors are its own thread's only (capture_error_mode="thread_local")
+    stop = threading.Event()
+
+    def busy() -> None:
+        with torch.cuda.stream(torch.cuda.Stream()):
+            size = 256
+            while not stop.is_set():
+                size += 8
+                torch.randn(size, size, device="cuda").sum().item()
+
+    other = threading.Thread(target=busy)
+    other.start()
+    try:
+        x3 = torch.randn(3, 3, 64, 64, device="cuda", generator=torch.Generator("cuda").manual_seed(9))
+        got = model(x3)
+    finally:
+        stop.set()
+        other.join()
+    assert len(model.cuda_graphs) == 2
+    assert_identical(got, model._output(*model._forward_tensors(x3), None), "captured beside a busy thread")
+
 
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
