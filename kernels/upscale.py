@@ -62,7 +62,8 @@ def upscale_block_ref(
 #    or a contiguous input: the second block's).
 # 2. depthwise 3x3 (zero padding 1, no bias) + LayerNorm over channels: one program walks a segment of
 #    one output row in blocks of BLOCK_P pixels, each with all C channels in registers (fp32): nine taps
-#    (read from L1/L2), the two-pass LayerNorm statistics, the block's output. The nine weight vectors
+#    (read from L1/L2; or, SLIDE, one pixel at a time with the last two input columns kept in registers:
+#    three loads a pixel), the two-pass LayerNorm statistics, the block's output. The nine weight vectors
 #    (a strided gather from the checkpoint's (C, 1, 3, 3) layout) are loaded once per program.
 # fp16/bf16: tensor cores for the GEMM, fp32 accumulation and fp32 math everywhere else, one rounding of
 # the activation's output (the reference rounds after every op). fp32: "ieee" dots (gemm.FP32_DOT_PRECISION).
@@ -84,15 +85,36 @@ def convt_configs(fp32: bool = False) -> list[_gemm.GemmConfig]:
 
 
 @triton.jit
-def _dwconv_tap(acc, row, row_inside, cols, W, offs_c, mask_c, stride_yw, stride_yc, tap, ALIGNED: tl.constexpr):
-    """acc + Y[b, r, cols, :] * tap for the input row starting at ``row``; zero outside the image (the conv's
+def _dwconv_pixels(row, row_inside, cols, W, offs_c, mask_c, stride_yw, stride_yc, ALIGNED: tl.constexpr):
+    """Y[b, r, cols, :] in fp32 for the input row starting at ``row``; zero outside the image (the conv's
     padding): ``row_inside`` (a [BLOCK_P] vector) says whether row r exists."""
     inside = row_inside & (cols >= 0) & (cols < W)
     pixels = row + cols.to(tl.int64) * stride_yw  # [BLOCK_P]
     if ALIGNED:
         pixels = tl.multiple_of(pixels, [16])
     x = tl.load(pixels[:, None] + offs_c[None, :] * stride_yc, mask=inside[:, None] & mask_c[None, :], other=0.0)
-    return acc + x.to(tl.float32) * tap[None, :]
+    return x.to(tl.float32)
+
+
+@triton.jit
+def _dwconv_tap(acc, row, row_inside, cols, W, offs_c, mask_c, stride_yw, stride_yc, tap, ALIGNED: tl.constexpr):
+    """acc + Y[b, r, cols, :] * tap (``_dwconv_pixels``)."""
+    return acc + _dwconv_pixels(row, row_inside, cols, W, offs_c, mask_c, stride_yw, stride_yc, ALIGNED) * tap[None, :]
+
+
+@triton.jit
+def _layernorm_store(acc, offs_p, W, C, eps, gamma, beta, mask_c, offs_c, out_row, stride_ow, stride_oc, Out,
+                     ALIGNED: tl.constexpr):
+    """LayerNorm over the channels of acc (two-pass statistics in fp32), stored to pixels offs_p of the row."""
+    mean = tl.sum(acc, axis=1) / C
+    centered = tl.where(mask_c[None, :], acc - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=1) / C + eps)
+    out = centered * rstd[:, None] * gamma[None, :] + beta[None, :]
+    out_pixels = out_row + offs_p.to(tl.int64) * stride_ow
+    if ALIGNED:
+        out_pixels = tl.multiple_of(out_pixels, [16])
+    tl.store(out_pixels[:, None] + offs_c[None, :] * stride_oc, out.to(Out.dtype.element_ty),
+             mask=(offs_p < W)[:, None] & mask_c[None, :])
 
 
 # B only keys the autotuner: not specialised (batch 1 would otherwise compile every tile again, and as
@@ -112,11 +134,14 @@ def _dwconv_layernorm_kernel(
     BLOCK_P: tl.constexpr,  # output pixels computed at once (all their channels in registers)
     BLOCK_C: tl.constexpr,  # next_power_of_2(C)
     SEGMENT: tl.constexpr,  # output pixels of one row per program, in BLOCK_P steps (tuned: DWCONV_GPU_SEGMENTS)
+    SLIDE: tl.constexpr,  # BLOCK_P 1: keep the last two input columns in registers, load one new column a pixel
 ):
     """LayerNorm_C(depthwise_conv3x3(Y)) for SEGMENT pixels of row program_id(0) = b*H + h.
 
     The nine weight vectors (a strided gather from the (C, 1, 3, 3) layout) and the LayerNorm weights are
-    loaded once per program and reused for its SEGMENT / BLOCK_P pixel blocks."""
+    loaded once per program and reused for its SEGMENT / BLOCK_P pixel blocks. Each block loads its nine
+    taps (three columns of three rows, overlapping its neighbours' in L1); with SLIDE one pixel at a time
+    slides a three-column window along the row: three loads a pixel instead of nine."""
     row = tl.program_id(0)
     b = row // H
     h = row % H
@@ -148,29 +173,53 @@ def _dwconv_layernorm_kernel(
     above_inside = h_vec > 0
     below_inside = h_vec < H - 1
     here_inside = h_vec >= 0
-    for start in range(first, tl.minimum(first + SEGMENT, W), BLOCK_P):
-        offs_p = start + tl.arange(0, BLOCK_P)
-        left, right = offs_p - 1, offs_p + 1
-        acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
-        acc = _dwconv_tap(acc, row_above, above_inside, left, W, offs_c, mask_c, stride_yw, stride_yc, w00, ALIGNED)
-        acc = _dwconv_tap(acc, row_above, above_inside, offs_p, W, offs_c, mask_c, stride_yw, stride_yc, w01, ALIGNED)
-        acc = _dwconv_tap(acc, row_above, above_inside, right, W, offs_c, mask_c, stride_yw, stride_yc, w02, ALIGNED)
-        acc = _dwconv_tap(acc, row_here, here_inside, left, W, offs_c, mask_c, stride_yw, stride_yc, w10, ALIGNED)
-        acc = _dwconv_tap(acc, row_here, here_inside, offs_p, W, offs_c, mask_c, stride_yw, stride_yc, w11, ALIGNED)
-        acc = _dwconv_tap(acc, row_here, here_inside, right, W, offs_c, mask_c, stride_yw, stride_yc, w12, ALIGNED)
-        acc = _dwconv_tap(acc, row_below, below_inside, left, W, offs_c, mask_c, stride_yw, stride_yc, w20, ALIGNED)
-        acc = _dwconv_tap(acc, row_below, below_inside, offs_p, W, offs_c, mask_c, stride_yw, stride_yc, w21, ALIGNED)
-        acc = _dwconv_tap(acc, row_below, below_inside, right, W, offs_c, mask_c, stride_yw, stride_yc, w22, ALIGNED)
-        # LayerNorm over the channels: two-pass statistics in fp32
-        mean = tl.sum(acc, axis=1) / C
-        centered = tl.where(mask_c[None, :], acc - mean[:, None], 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=1) / C + eps)
-        out = centered * rstd[:, None] * gamma[None, :] + beta[None, :]
-        out_pixels = out_row + offs_p.to(tl.int64) * stride_ow
-        if ALIGNED:
-            out_pixels = tl.multiple_of(out_pixels, [16])
-        tl.store(out_pixels[:, None] + offs_c[None, :] * stride_oc, out.to(Out.dtype.element_ty),
-                 mask=(offs_p < W)[:, None] & mask_c[None, :])
+    last = tl.minimum(first + SEGMENT, W)
+    if SLIDE:
+        tl.static_assert(BLOCK_P == 1, "SLIDE walks one pixel at a time")
+        # the window's left and middle columns of the three rows, for the segment's first pixel
+        offs_p = first + tl.arange(0, 1)
+        above_l = _dwconv_pixels(row_above, above_inside, offs_p - 1, W, offs_c, mask_c, stride_yw, stride_yc, ALIGNED)
+        here_l = _dwconv_pixels(row_here, here_inside, offs_p - 1, W, offs_c, mask_c, stride_yw, stride_yc, ALIGNED)
+        below_l = _dwconv_pixels(row_below, below_inside, offs_p - 1, W, offs_c, mask_c, stride_yw, stride_yc, ALIGNED)
+        above_m = _dwconv_pixels(row_above, above_inside, offs_p, W, offs_c, mask_c, stride_yw, stride_yc, ALIGNED)
+        here_m = _dwconv_pixels(row_here, here_inside, offs_p, W, offs_c, mask_c, stride_yw, stride_yc, ALIGNED)
+        below_m = _dwconv_pixels(row_below, below_inside, offs_p, W, offs_c, mask_c, stride_yw, stride_yc, ALIGNED)
+        for start in range(first, last):
+            offs_p = start + tl.arange(0, 1)
+            right = offs_p + 1
+            above_r = _dwconv_pixels(row_above, above_inside, right, W, offs_c, mask_c, stride_yw, stride_yc, ALIGNED)
+            here_r = _dwconv_pixels(row_here, here_inside, right, W, offs_c, mask_c, stride_yw, stride_yc, ALIGNED)
+            below_r = _dwconv_pixels(row_below, below_inside, right, W, offs_c, mask_c, stride_yw, stride_yc, ALIGNED)
+            acc = tl.zeros((1, BLOCK_C), dtype=tl.float32)  # the taps added in the order of the blocked path
+            acc = acc + above_l * w00[None, :]
+            acc = acc + above_m * w01[None, :]
+            acc = acc + above_r * w02[None, :]
+            acc = acc + here_l * w10[None, :]
+            acc = acc + here_m * w11[None, :]
+            acc = acc + here_r * w12[None, :]
+            acc = acc + below_l * w20[None, :]
+            acc = acc + below_m * w21[None, :]
+            acc = acc + below_r * w22[None, :]
+            _layernorm_store(acc, offs_p, W, C, eps, gamma, beta, mask_c, offs_c, out_row, stride_ow, stride_oc, Out,
+                             ALIGNED)
+            above_l, here_l, below_l = above_m, here_m, below_m
+            above_m, here_m, below_m = above_r, here_r, below_r
+    else:
+        for start in range(first, last, BLOCK_P):
+            offs_p = start + tl.arange(0, BLOCK_P)
+            left, right = offs_p - 1, offs_p + 1
+            acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+            acc = _dwconv_tap(acc, row_above, above_inside, left, W, offs_c, mask_c, stride_yw, stride_yc, w00, ALIGNED)
+            acc = _dwconv_tap(acc, row_above, above_inside, offs_p, W, offs_c, mask_c, stride_yw, stride_yc, w01, ALIGNED)
+            acc = _dwconv_tap(acc, row_above, above_inside, right, W, offs_c, mask_c, stride_yw, stride_yc, w02, ALIGNED)
+            acc = _dwconv_tap(acc, row_here, here_inside, left, W, offs_c, mask_c, stride_yw, stride_yc, w10, ALIGNED)
+            acc = _dwconv_tap(acc, row_here, here_inside, offs_p, W, offs_c, mask_c, stride_yw, stride_yc, w11, ALIGNED)
+            acc = _dwconv_tap(acc, row_here, here_inside, right, W, offs_c, mask_c, stride_yw, stride_yc, w12, ALIGNED)
+            acc = _dwconv_tap(acc, row_below, below_inside, left, W, offs_c, mask_c, stride_yw, stride_yc, w20, ALIGNED)
+            acc = _dwconv_tap(acc, row_below, below_inside, offs_p, W, offs_c, mask_c, stride_yw, stride_yc, w21, ALIGNED)
+            acc = _dwconv_tap(acc, row_below, below_inside, right, W, offs_c, mask_c, stride_yw, stride_yc, w22, ALIGNED)
+            _layernorm_store(acc, offs_p, W, C, eps, gamma, beta, mask_c, offs_c, out_row, stride_ow, stride_oc, Out,
+                             ALIGNED)
 
 
 def _aligned16(t: torch.Tensor, strides) -> bool:
@@ -211,8 +260,11 @@ def _prune_dwconv_configs(configs, named_args, **kwargs):
 def _tuned_dwconv_kernel(arch: tuple[int, int] | None = None):  # one per arch: _triton.gpu_arch
     pairs = [dwconv_configs(1)[0]] if INTERPRETING else DWCONV_GPU_CONFIGS
     segments = [DWCONV_SEGMENT] if INTERPRETING else DWCONV_GPU_SEGMENTS
-    configs = [triton.Config({"BLOCK_P": p, "SEGMENT": s}, num_warps=w, num_stages=1)
+    configs = [triton.Config({"BLOCK_P": p, "SEGMENT": s, "SLIDE": False}, num_warps=w, num_stages=1)
                for p, w in pairs for s in segments if s >= p]
+    if not INTERPRETING:  # the sliding window at the one-pixel tiles (pruned like them by channel count)
+        configs += [triton.Config({"BLOCK_P": 1, "SEGMENT": s, "SLIDE": True}, num_warps=w, num_stages=1)
+                    for p, w in pairs if p == 1 for s in segments if s >= 8]
     prune = None if INTERPRETING else {"early_config_prune": _prune_dwconv_configs}
     return autotune(_dwconv_layernorm_kernel, configs, ["B", "H", "W", "C", "ALIGNED"], prune_configs_by=prune)
 
@@ -340,17 +392,17 @@ TRITON_OPS = {"upscale": upscale_block}
 _TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
-def dwconv_aot_spec(dtype: torch.dtype, channels: int, block_p: int, num_warps: int):
+def dwconv_aot_spec(dtype: torch.dtype, channels: int, block_p: int, num_warps: int, slide: bool = False):
     from eomt_fast.aot import KernelSpec
 
     t = _TRITON_DTYPE[dtype]
     ints = ["B", "H", "W", "C", "stride_yb", "stride_yh", "stride_yw", "stride_wc", "stride_wh",
             "stride_ob", "stride_oh", "stride_ow"]
     constexprs = {"stride_yc": 1, "stride_ww": 1, "stride_oc": 1, "ALIGNED": True, "BLOCK_P": block_p,
-                  "BLOCK_C": next_power_of_2(channels), "SEGMENT": DWCONV_SEGMENT}
+                  "BLOCK_C": next_power_of_2(channels), "SEGMENT": DWCONV_SEGMENT, "SLIDE": slide}
     signature = {"Y": f"*{t}", "Wd": f"*{t}", "LnW": f"*{t}", "LnB": f"*{t}", "Out": f"*{t}", "eps": "fp32",
                  **{n: "i32" for n in ints}, **{n: "constexpr" for n in constexprs}}
-    return KernelSpec(name=f"upscale_dwconv_layernorm_{t}_C{channels}_p{block_p}w{num_warps}",
+    return KernelSpec(name=f"upscale_dwconv_layernorm_{t}_C{channels}_p{block_p}w{num_warps}" + ("_slide" if slide else ""),
                       fn=_dwconv_layernorm_kernel, signature=signature, constexprs=constexprs,
                       num_warps=num_warps, num_stages=1)
 
@@ -370,4 +422,6 @@ def aot_specs() -> list:
             + [_gemm.gemm_aot_spec("upscale_convt_gelu", torch.float32, c, **convt) for c in convt_configs(fp32=True)]
             + [dwconv_aot_spec(dtype, c, p, w) for dtype in (torch.bfloat16, torch.float32)
                for c in (384, 768, 1024, 1536) for p, w in dwconv_configs(c)]
+            + [dwconv_aot_spec(dtype, c, 1, w, slide=True) for dtype in (torch.bfloat16, torch.float32)
+               for c in (384, 768, 1024, 1536) for p, w in dwconv_configs(c) if p == 1]
             + [dwconv_aot_spec(torch.float16, 1024, *dwconv_configs(1024)[0])])

@@ -54,7 +54,7 @@ def make_inputs(batch, height, width, channels, dtype, device="cpu", seed=0):
 def run(args, **options):
     x = args[0]
     batch, height, width, _ = x.shape
-    out = poison_(x.new_empty(batch, 2 * height, 2 * width, args[1].shape[-1]))
+    out = poison_(x.new_empty(batch, 2 * height, 2 * width, args[1].shape[2]))  # (2, 2, C_out, C_in)
     assert upscale_block_forward(*args, out=out, **options) is out
     assert_close_to_ref(out, upscale_block_ref, args)
 
@@ -106,10 +106,12 @@ def test_other_activations_match_reference(activation, dtype):
 
 
 # (B, H, W, C): 7 x 9 with C = 24 (one segment, one pixel block per row); 3 x 40 with C = 200 (BLOCK_C 256);
-# (BLOCK_P, SEGMENT): the interpreter's own (32, 32: rows of 40 are segments of 32 + 8 pixels, a block each),
-# and tiles the GPU autotuner tries: (8, 32) walks the 32 in four blocks, (2, 4) and (4, 8) give ten and five
-# segments a row of 40 (the last of 8 pixels ending past a block of 4 when W is 9)
-@pytest.mark.parametrize("tile", [None, (8, 32), (2, 4), (4, 8)], ids=lambda t: f"P{t[0]}-S{t[1]}" if t else "default")
+# (BLOCK_P, SEGMENT, SLIDE): the interpreter's own (32, 32: rows of 40 are segments of 32 + 8 pixels, a block
+# each), and tiles the GPU autotuner tries: (8, 32) walks the 32 in four blocks, (2, 4) and (4, 8) give ten and
+# five segments a row of 40 (the last of 8 pixels ending past a block of 4 when W is 9); the sliding window
+# one pixel at a time over segments of 8 (a window starting mid-row, the right edge at W 9 and 40) and 32
+@pytest.mark.parametrize("tile", [None, (8, 32, False), (2, 4, False), (4, 8, False), (1, 8, True), (1, 32, True)],
+                         ids=lambda t: (f"P{t[0]}-S{t[1]}" + ("-slide" if t[2] else "")) if t else "default")
 @pytest.mark.parametrize("shape", [(2, 7, 9, 24), (1, 3, 40, 200)], ids=lambda s: f"B{s[0]}-H{s[1]}-W{s[2]}-C{s[3]}")
 def test_dwconv_layernorm_alone(shape, tile, monkeypatch):
     """The depthwise + LayerNorm kernel alone, into a NaN-poisoned output."""
@@ -118,7 +120,8 @@ def test_dwconv_layernorm_alone(shape, tile, monkeypatch):
         from eomt_fast.kernels._triton import triton
 
         tuner = upscale.autotune(upscale._dwconv_layernorm_kernel,
-                                 [triton.Config({"BLOCK_P": tile[0], "SEGMENT": tile[1]}, num_warps=4)],
+                                 [triton.Config({"BLOCK_P": tile[0], "SEGMENT": tile[1], "SLIDE": tile[2]},
+                                                num_warps=4)],
                                  ["B", "H", "W", "C", "ALIGNED"])
         monkeypatch.setattr(upscale, "_tuned_dwconv_kernel", lambda arch=None: tuner)
     g = torch.Generator().manual_seed(2)
@@ -206,3 +209,35 @@ def test_aot_sm90_no_spills_and_wgmma():
                          ids=lambda s: f"B{s[0]}-H{s[1]}-C{s[3]}")
 def test_real_shapes_gpu(shape, dtype):
     run(make_inputs(*shape, dtype=dtype, device="cuda"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(1, 80, 80, 1024), (1, 160, 160, 1024), (2, 80, 80, 384)],
+                         ids=lambda s: f"B{s[0]}-H{s[1]}-C{s[3]}")
+def test_every_depthwise_config_on_the_gpu(shape, monkeypatch):
+    """Each (BLOCK_P, SEGMENT, SLIDE) config the autotuner may pick for these channels, alone, bf16, against
+    the reference: the autotuner keeps only the fastest, so the others would otherwise never be checked."""
+    from eomt_fast.kernels import upscale
+    from eomt_fast.kernels._triton import gpu_arch
+
+    g = torch.Generator().manual_seed(4)
+    y = torch.randn(*shape, generator=g).to("cuda", torch.bfloat16)
+    _, _, dw, lnw, lnb = make_weights(shape[-1], torch.bfloat16, "cuda", seed=4)
+    def ref(y, dw, lnw, lnb):
+        z = F.conv2d(y.permute(0, 3, 1, 2), dw, padding=1, groups=y.shape[-1]).permute(0, 2, 3, 1)
+        return F.layer_norm(z, (y.shape[-1],), lnw, lnb, EPS)
+
+    theirs, exact = ref(y, dw, lnw, lnb), ref(y.double(), dw.double(), lnw.double(), lnb.double())
+    keep = upscale.dwconv_configs(shape[-1])
+    configs = [c for c in upscale._tuned_dwconv_kernel(arch=gpu_arch(y)).configs
+               if (c.kwargs["BLOCK_P"], c.num_warps) in keep]
+    assert any(c.kwargs["SLIDE"] for c in configs) and len(configs) > 4
+    for config in configs:
+        tuner = upscale.autotune(upscale._dwconv_layernorm_kernel, [config], ["B", "H", "W", "C", "ALIGNED"])
+        monkeypatch.setattr(upscale, "_tuned_dwconv_kernel", lambda arch=None, tuner=tuner: tuner)
+        out = poison_(torch.empty_like(y))
+        dwconv_layernorm(y, dw, lnw, lnb, EPS, out=out)
+        try:
+            assert_close(out, theirs, exact)
+        except AssertionError as error:
+            raise AssertionError(f"{config}: {error}") from None
