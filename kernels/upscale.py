@@ -103,6 +103,23 @@ def _dwconv_tap(acc, row, row_inside, cols, W, offs_c, mask_c, stride_yw, stride
 
 
 @triton.jit
+def _dwconv_column(row_above, row_here, row_below, above_inside, here_inside, below_inside, cols, W, offs_c, mask_c,
+                   stride_yw, stride_yc, ALIGNED: tl.constexpr):
+    """Input column(s) ``cols`` of the rows above, at and below the output row (``_dwconv_pixels`` each)."""
+    return (_dwconv_pixels(row_above, above_inside, cols, W, offs_c, mask_c, stride_yw, stride_yc, ALIGNED),
+            _dwconv_pixels(row_here, here_inside, cols, W, offs_c, mask_c, stride_yw, stride_yc, ALIGNED),
+            _dwconv_pixels(row_below, below_inside, cols, W, offs_c, mask_c, stride_yw, stride_yc, ALIGNED))
+
+
+@triton.jit
+def _dwconv_row_taps(acc, left, middle, right, w_left, w_middle, w_right):
+    """acc + one input row's three taps, added left to right (the blocked path's order)."""
+    acc = acc + left * w_left[None, :]
+    acc = acc + middle * w_middle[None, :]
+    return acc + right * w_right[None, :]
+
+
+@triton.jit
 def _layernorm_store(acc, offs_p, W, C, eps, gamma, beta, mask_c, offs_c, out_row, stride_ow, stride_oc, Out,
                      ALIGNED: tl.constexpr):
     """LayerNorm over the channels of acc (two-pass statistics in fp32), stored to pixels offs_p of the row."""
@@ -178,28 +195,21 @@ def _dwconv_layernorm_kernel(
         tl.static_assert(BLOCK_P == 1, "SLIDE walks one pixel at a time")
         # the window's left and middle columns of the three rows, for the segment's first pixel
         offs_p = first + tl.arange(0, 1)
-        above_l = _dwconv_pixels(row_above, above_inside, offs_p - 1, W, offs_c, mask_c, stride_yw, stride_yc, ALIGNED)
-        here_l = _dwconv_pixels(row_here, here_inside, offs_p - 1, W, offs_c, mask_c, stride_yw, stride_yc, ALIGNED)
-        below_l = _dwconv_pixels(row_below, below_inside, offs_p - 1, W, offs_c, mask_c, stride_yw, stride_yc, ALIGNED)
-        above_m = _dwconv_pixels(row_above, above_inside, offs_p, W, offs_c, mask_c, stride_yw, stride_yc, ALIGNED)
-        here_m = _dwconv_pixels(row_here, here_inside, offs_p, W, offs_c, mask_c, stride_yw, stride_yc, ALIGNED)
-        below_m = _dwconv_pixels(row_below, below_inside, offs_p, W, offs_c, mask_c, stride_yw, stride_yc, ALIGNED)
+        above_l, here_l, below_l = _dwconv_column(row_above, row_here, row_below, above_inside, here_inside,
+                                                  below_inside, offs_p - 1, W, offs_c, mask_c, stride_yw, stride_yc,
+                                                  ALIGNED)
+        above_m, here_m, below_m = _dwconv_column(row_above, row_here, row_below, above_inside, here_inside,
+                                                  below_inside, offs_p, W, offs_c, mask_c, stride_yw, stride_yc,
+                                                  ALIGNED)
         for start in range(first, last):
             offs_p = start + tl.arange(0, 1)
-            right = offs_p + 1
-            above_r = _dwconv_pixels(row_above, above_inside, right, W, offs_c, mask_c, stride_yw, stride_yc, ALIGNED)
-            here_r = _dwconv_pixels(row_here, here_inside, right, W, offs_c, mask_c, stride_yw, stride_yc, ALIGNED)
-            below_r = _dwconv_pixels(row_below, below_inside, right, W, offs_c, mask_c, stride_yw, stride_yc, ALIGNED)
-            acc = tl.zeros((1, BLOCK_C), dtype=tl.float32)  # the taps added in the order of the blocked path
-            acc = acc + above_l * w00[None, :]
-            acc = acc + above_m * w01[None, :]
-            acc = acc + above_r * w02[None, :]
-            acc = acc + here_l * w10[None, :]
-            acc = acc + here_m * w11[None, :]
-            acc = acc + here_r * w12[None, :]
-            acc = acc + below_l * w20[None, :]
-            acc = acc + below_m * w21[None, :]
-            acc = acc + below_r * w22[None, :]
+            above_r, here_r, below_r = _dwconv_column(row_above, row_here, row_below, above_inside, here_inside,
+                                                      below_inside, offs_p + 1, W, offs_c, mask_c, stride_yw,
+                                                      stride_yc, ALIGNED)
+            acc = tl.zeros((1, BLOCK_C), dtype=tl.float32)
+            acc = _dwconv_row_taps(acc, above_l, above_m, above_r, w00, w01, w02)
+            acc = _dwconv_row_taps(acc, here_l, here_m, here_r, w10, w11, w12)
+            acc = _dwconv_row_taps(acc, below_l, below_m, below_r, w20, w21, w22)
             _layernorm_store(acc, offs_p, W, C, eps, gamma, beta, mask_c, offs_c, out_row, stride_ow, stride_oc, Out,
                              ALIGNED)
             above_l, here_l, below_l = above_m, here_m, below_m
