@@ -4,9 +4,11 @@ For a model shape (a preset with the real dimensions of a released EoMT, ``tiny`
 ``--config config.json``), batch sizes, a dtype and masking off/on (``attn_mask_probs`` zeros / ones), it
 times the forward of
 
-- ``eomt_fast``: ``EomtFastForUniversalSegmentation.from_hf`` of the transformers model (backend auto);
+- ``eomt_fast``: ``EomtFastForUniversalSegmentation.from_hf`` of the transformers model (backend auto), its
+  eager forward (``cuda_graphs=False``);
 - ``eomt_fast-cuda-graphs`` (CUDA only): the same model through ``eomt_fast.cuda_graphs.CudaGraphs`` (one graph
-  captured per shape and masking setting, replayed; input copied in, outputs cloned out, both timed);
+  captured per shape and masking setting, replayed; input copied in, outputs cloned out, both timed): what a
+  model loaded with the default ``cuda_graphs="auto"`` runs from the second call of a shape on;
 - ``transformers-eager`` / ``transformers-sdpa``: ``EomtForUniversalSegmentation`` with that attention;
 - ``transformers-compile``: the sdpa model under ``torch.compile`` (default mode), and on a GPU
   ``transformers-compile-max-autotune`` (``mode="max-autotune"``).
@@ -18,8 +20,8 @@ under ``torch.inference_mode``. On CUDA each row also holds the peak memory of o
 call, plus the implementation's weights, in MiB); CPU rows have none.
 
 ``eomt-fast bench --e2e`` times the whole pipeline instead, decoded images in, segments out (``run_e2e``):
-``eomt_fast`` (EomtFastImageProcessor.preprocess on the model's device -> EomtFastForUniversalSegmentation ->
-its post_process_<task>_segmentation) against ``transformers`` (EomtImageProcessor -> EomtForUniversalSegmentation
+``eomt_fast`` (EomtFastImageProcessor.preprocess on the model's device -> EomtFastForUniversalSegmentation as
+loaded by default, ``cuda_graphs="auto"`` -> its post_process_<task>_segmentation) against ``transformers`` (EomtImageProcessor -> EomtForUniversalSegmentation
 -> its post_process_<task>_segmentation), same random weights, results compared first (``compare_e2e``).
 
 Results go through the harness of ``bench/harness.py`` (timing, FLOP count, ceilings,
@@ -159,7 +161,7 @@ def build_models(config: EomtFastConfig, dtype: torch.dtype, device: torch.devic
     hf = random_hf_model(seed=seed, dtype=dtype, attn_implementation="sdpa", model_type=config.model_type,
                          **hf_config_kwargs(config))
     hf = hf.to(device)
-    return hf, EomtFastForUniversalSegmentation.from_hf(hf, backend=backend)
+    return hf, EomtFastForUniversalSegmentation.from_hf(hf, backend=backend, cuda_graphs=False)  # the eager row
 
 
 def set_masking(models: list[torch.nn.Module], on: bool) -> None:
@@ -615,6 +617,11 @@ class Pipeline:
         return results
 
 
+def _forward_mode(model: EomtFastForUniversalSegmentation) -> str:
+    graphs = model.cuda_graphs
+    return "eager (cuda_graphs=False)" if graphs is None else f"cuda_graphs={'auto' if graphs.auto else True}"
+
+
 def make_pipelines(task: str, config: EomtFastConfig, hf: torch.nn.Module, ours: EomtFastForUniversalSegmentation,
                    device: torch.device, dtype: torch.dtype) -> tuple[dict[str, Pipeline], str]:
     import numpy as np
@@ -789,7 +796,8 @@ def stage_times(pipeline: Pipeline, images: list, repeats: int) -> dict[str, flo
 def e2e_notes(device: torch.device) -> list[str]:
     notes = [
         "e2e rows: generated photo-like decoded images (numpy HWC uint8 RGB; no file decoding) in, segments out: "
-        "eomt_fast = EomtFastImageProcessor.preprocess on the model's device -> EomtFastForUniversalSegmentation -> "
+        "eomt_fast = EomtFastImageProcessor.preprocess on the model's device -> EomtFastForUniversalSegmentation "
+        "as loaded by default (cuda_graphs='auto': on CUDA the timed calls replay a graph per batch size) -> "
         "its post_process_<task>_segmentation; transformers = EomtImageProcessor (its class and where it "
         "preprocesses: transformers_processor in the row) -> EomtForUniversalSegmentation (sdpa) -> its "
         "post_process_<task>_segmentation; the same random weights; wall clock per call, every call ending "
@@ -838,7 +846,8 @@ def run_e2e(args: argparse.Namespace) -> int:
     ours = EomtFastForUniversalSegmentation.from_hf(hf, backend=args.backend)
     pipelines, their_processor = make_pipelines(args.task, config, hf, ours, device, dtype)
     print(f"e2e {args.task}: {model_name} ({config.image_size}px model), {width}x{height} uint8 images, "
-          f"{harness.dtype_name(dtype)}, eomt_fast backend={args.backend}; transformers: {their_processor}; "
+          f"{harness.dtype_name(dtype)}, eomt_fast backend={args.backend}, forward {_forward_mode(ours)}; "
+          f"transformers: {their_processor}; "
           f"built in {time.perf_counter() - t0:.1f} s")
     shape = f"{args.task}-{width}x{height}"
     rows: list[dict[str, Any]] = []

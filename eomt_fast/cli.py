@@ -41,6 +41,9 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"model {args.model}: {kind}, {cfg.hidden_size}d x {cfg.num_hidden_layers} layers, "
               f"{cfg.num_attention_heads} heads, {cfg.num_queries} queries, {cfg.image_size}px, {cfg.num_labels} labels, "
               f"attn_mask_probs {list(model.masking_probs())}")
+        graphs = model.cuda_graphs
+        print(f"forward: {'eager' if graphs is None else graphs.describe()}"
+              + (" (on this device: eager)" if graphs is not None and model.device.type != "cuda" else ""))
         targets = [(model.device, model.dtype, model.backend, model.config)]
     else:
         dtype = args.dtype or "bfloat16"

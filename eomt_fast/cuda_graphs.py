@@ -30,6 +30,18 @@ Calls from several threads take turns (a lock around copy, replay and clone; a c
 waits on the GPU for the previous call's clones), so each gets its own input's outputs; with
 ``clone_outputs=False`` the returned buffers are shared by all of them.
 
+``auto=True`` (what ``from_pretrained`` / ``from_hf`` give by default, ``cuda_graphs="auto"``): graphs where
+they help and can run, the eager forward everywhere else, never an error of its own. A call runs eager when
+the model is not on CUDA (so one runner serves a model loaded on the CPU and moved later), while a CUDA
+graph is being captured on the current stream (the caller's own capture: this forward becomes part of it),
+when a ``generator`` is given and some layer's attn_mask_probs lies strictly between 0 and 1, and on the
+first call of a key (a shape seen once, say the last smaller batch of a dataset, does not get a graph and its
+memory pool); the second call of a key captures it. At most ``max_graphs`` graphs are kept (default 8 with
+``auto``, unlimited without): capturing one more drops the least recently replayed, and its memory pool
+with it. Parameters or pixel_values that require grad are no obstacle there (the forward runs under
+``torch.no_grad`` either way), nor are hidden states or attentions asked for in config.json (those calls
+run eager, as every call that asks for them).
+
 The capture is injectable (``capture=``): ``capture_eagerly`` runs the same buffer and key logic on any
 device without a graph, for tests and debugging.
 """
@@ -39,6 +51,7 @@ from __future__ import annotations
 import copy
 import functools
 import threading
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -51,6 +64,8 @@ if TYPE_CHECKING:
     from .model import EomtFastForUniversalSegmentation, EomtFastOutput
 
 Outputs = tuple[torch.Tensor, ...]
+AUTO_MAX_GRAPHS = 8  # graphs an auto runner keeps (each holds a memory pool for its shape's activations)
+_MAX_SEEN = 1024  # first-call keys an auto runner remembers
 # given a function of the static input, returns (replay, its static outputs): what capturing a graph gives
 Capture = Callable[[Callable[[], Outputs]], tuple[Callable[[], None], Outputs]]
 
@@ -107,12 +122,20 @@ class CudaGraphs:
         clone_outputs: bool = True,
         warmup: int = 2,
         capture: Capture | None = None,
+        auto: bool = False,
+        max_graphs: int | None = None,
     ) -> None:
+        if max_graphs is not None and (isinstance(max_graphs, bool) or not isinstance(max_graphs, int) or max_graphs < 1):
+            raise ValueError(f"max_graphs must be a positive int or None, got {max_graphs!r}")
         self.model = model
         self.clone_outputs = clone_outputs
+        self.auto = auto
+        self.max_graphs = max_graphs if max_graphs is not None or not auto else AUTO_MAX_GRAPHS
         self._capture: Capture = capture or functools.partial(capture_cuda_graph, warmup=warmup)
         self._needs_cuda = capture is None
-        self._graphs: dict[tuple, _Graph] = {}
+        self._graphs: dict[tuple, _Graph] = {}  # in order of last use (the least recently replayed first)
+        self._seen: set[tuple] = set()  # auto: the keys called once (eager) and not captured yet
+        self._failed: set[tuple] = set()  # auto: the keys whose capture raised (they run eager)
         self._weights_generation = model.weights_generation
         # one call at a time: a graph's static input and outputs are shared by every call of its key
         self._lock = threading.Lock()
@@ -120,6 +143,8 @@ class CudaGraphs:
         self._check_model()
 
     def _check_model(self) -> None:
+        if self.auto:  # calls that cannot be captured run eager instead
+            return
         model = self.model
         if self._needs_cuda and model.device.type != "cuda":
             raise RuntimeError(f"cuda_graphs=True needs the model on a CUDA device, it is on {model.device} "
@@ -136,12 +161,24 @@ class CudaGraphs:
     def clear(self) -> None:
         """Drop every captured graph (and with it its memory pool and static buffers)."""
         self._graphs.clear()
+        self._seen.clear()
+        self._failed.clear()
+
+    def describe(self) -> str:
+        """One line: how ``model(...)`` runs with this runner (``eomt-fast info``)."""
+        if self.auto:
+            how = (f"CUDA graphs (auto): a shape's second call captures it, at most {self.max_graphs} kept; "
+                   "eager off CUDA, inside the caller's own capture, or with generator= and random unmasking")
+        else:
+            limit = f"at most {self.max_graphs} kept" if self.max_graphs else "every shape kept"
+            how = f"CUDA graphs: a shape's first call captures it, {limit}"
+        return f"{how} ({len(self)} captured)"
 
     def __getstate__(self) -> dict:
         # pickled (torch.save of the model, a spawned worker) without its graphs, lock and event: the copy
         # captures its own graphs on its first calls
         state = self.__dict__.copy()
-        state.update(_graphs={}, _lock=None, _last_call=None)
+        state.update(_graphs={}, _seen=set(), _failed=set(), _lock=None, _last_call=None)
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -152,7 +189,7 @@ class CudaGraphs:
         # a copied model gets a runner of its own, with no graphs (they point into this model's memory)
         clone = copy.copy(self)
         clone.model = copy.deepcopy(self.model, memo)
-        clone._graphs = {}
+        clone._graphs, clone._seen, clone._failed = {}, set(), set()
         clone._lock, clone._last_call = threading.Lock(), None
         return clone
 
@@ -171,8 +208,10 @@ class CudaGraphs:
         """The model's forward replayed from the graph of this input's key: its outputs; pixel_values,
         patch_offsets (passed through) and generator as the model's forward takes them by keyword."""
         model = self.model
+        if self.auto and not self._may_replay(generator):
+            return model._eager_output(pixel_values, patch_offsets, generator)
         model.check_pixel_values(pixel_values)
-        if pixel_values.requires_grad:
+        if pixel_values.requires_grad and not self.auto:
             raise RuntimeError("cuda_graphs=True runs inference only: pixel_values requires grad "
                                "(pass pixel_values.detach())")
         if pixel_values.shape[0] == 0:
@@ -193,17 +232,65 @@ class CudaGraphs:
                                  "call with generator=None, or disable cuda_graphs for this call")
             if self._last_call is not None:
                 torch.cuda.current_stream().wait_event(self._last_call)
+            outputs = None  # None: this call runs eager (below, outside the lock)
             graph = self._graphs.get(key)
-            if graph is None:
-                graph = self._graphs[key] = self._record(pixel_values)  # the static input holds pixel_values
+            if graph is None and self.auto and key not in self._seen:
+                if key not in self._failed:
+                    self._remember(key)  # a first call: eager, the second captures
             else:
-                graph.static_input.copy_(pixel_values)
-            graph.replay()
-            outputs = tuple(t.clone() for t in graph.outputs) if self.clone_outputs else graph.outputs
-            if self._needs_cuda:
-                self._last_call = torch.cuda.Event()
-                self._last_call.record()
+                if graph is None:
+                    self._make_room()
+                    graph = self._record_or_fail(key, pixel_values)  # the static input holds pixel_values
+                else:
+                    graph.static_input.copy_(pixel_values)
+                if graph is not None:
+                    self._graphs.pop(key, None)
+                    self._graphs[key] = graph  # last: the most recently used
+                    graph.replay()
+                    outputs = tuple(t.clone() for t in graph.outputs) if self.clone_outputs else graph.outputs
+                    if self._needs_cuda:
+                        self._last_call = torch.cuda.Event()
+                        self._last_call.record()
+        if outputs is None:
+            return model._eager_output(pixel_values, patch_offsets, generator)
         return model._output(*outputs, patch_offsets)
+
+    def _may_replay(self, generator: torch.Generator | None) -> bool:
+        """auto: whether this call may go through a graph (else it runs eager)."""
+        model = self.model
+        if self._needs_cuda and model.device.type != "cuda":
+            return False
+        if model.device.type == "cuda":
+            with torch.cuda.device(model.device):
+                if torch.cuda.is_current_stream_capturing():
+                    return False  # the caller captures a graph of its own: this forward's kernels join it
+        return generator is None or not any(0 < p < 1 for p in model.masking_probs())
+
+    def _remember(self, key: tuple) -> None:
+        if len(self._seen) >= _MAX_SEEN:  # many one-off shapes: forget them (their second call stays eager once more)
+            self._seen.clear()
+        self._seen.add(key)
+
+    def _record_or_fail(self, key: tuple, pixel_values: torch.Tensor) -> _Graph | None:
+        """_record; with auto, a capture that raises is reported once (a warning) and its key runs eager from
+        then on (None: this call too)."""
+        if not self.auto:
+            return self._record(pixel_values)
+        try:
+            return self._record(pixel_values)
+        except Exception as exc:  # noqa: BLE001 - auto promises the eager forward wherever a graph cannot run
+            self._failed.add(key)
+            self._seen.discard(key)
+            warnings.warn(f"eomt_fast: capturing a CUDA graph of the forward for input shape {tuple(pixel_values.shape)} "
+                          f"failed ({type(exc).__name__}: {exc}); calls of that shape run eager. Load with "
+                          "cuda_graphs=True to see the error raised, or cuda_graphs=False to not try", RuntimeWarning,
+                          stacklevel=4)
+            return None
+
+    def _make_room(self) -> None:
+        """Before a capture: drop the least recently used graphs beyond max_graphs - 1."""
+        while self.max_graphs is not None and len(self._graphs) >= self.max_graphs:
+            del self._graphs[next(iter(self._graphs))]
 
     def _record(self, pixel_values: torch.Tensor) -> _Graph:
         model = self.model

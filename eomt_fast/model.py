@@ -9,7 +9,8 @@ the patch rows, CLS and registers are copied into theirs, the layers before the 
 ``tokens[:, Q:]`` (rows (Q + 1 + R + P) * C apart between images, which the kernels address as such), the
 queries are then written into ``tokens[:, :Q]``, and the last NB layers run on the whole buffer. Each
 layer updates it in place (``out=`` of the residual ops): no concatenation, no copy of the stream.
-With ``cuda_graphs=True`` the forward is captured per input shape and replayed (``eomt_fast.cuda_graphs``).
+Loaded with ``cuda_graphs="auto"`` (the default) or ``True``, the forward is captured per input shape and
+replayed on CUDA (``eomt_fast.cuda_graphs``).
 """
 
 from __future__ import annotations
@@ -260,6 +261,11 @@ def _weights_may_have_moved(module: EomtFastForUniversalSegmentation, incompatib
     module._note_weight_pointers()  # load_state_dict(assign=True) replaces the tensors; a plain one copies
 
 
+def _check_cuda_graphs_choice(value: Any) -> None:
+    if value is not True and value is not False and not (isinstance(value, str) and value == "auto"):
+        raise ValueError(f"cuda_graphs must be 'auto', True or False, got {value!r}")
+
+
 class EomtFastForUniversalSegmentation(nn.Module):
     """EoMT for panoptic, instance and semantic segmentation (inference).
 
@@ -336,7 +342,7 @@ class EomtFastForUniversalSegmentation(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | str | None = None,
         backend: str = "auto",
-        cuda_graphs: bool = False,
+        cuda_graphs: bool | str = "auto",
         *,
         revision: str | None = None,
         token: str | bool | None = None,
@@ -347,10 +353,14 @@ class EomtFastForUniversalSegmentation(nn.Module):
     ) -> EomtFastForUniversalSegmentation:
         """Load a transformers EoMT checkpoint: a directory with config.json and model.safetensors (or a
         sharded index, or pytorch_model.bin), or a Hub id. dtype None keeps the stored dtype.
-        ``cuda_graphs``: run the forward as CUDA graphs captured per input shape (``enable_cuda_graphs``).
+        ``cuda_graphs``: ``"auto"`` (the default) replays CUDA graphs where they can run, from the second call
+        of an input shape on, and runs eager elsewhere (off CUDA included, so a model moved to CUDA later gets
+        them too); ``True`` captures every shape on its first call and makes any call a graph cannot run an
+        error; ``False``: eager forwards only. See ``enable_cuda_graphs``.
         ``revision``, ``token``, ``cache_dir``, ``local_files_only``: for Hub ids, as in transformers.
         transformers' names are accepted too: ``torch_dtype`` for ``dtype`` ("auto": the stored dtype, as
         None), ``device_map`` for ``device`` (one device: the model is never split)."""
+        _check_cuda_graphs_choice(cuda_graphs)
         dtype, torch_dtype = (None if d == "auto" else d for d in (dtype, torch_dtype))  # "auto": the stored dtype
         dtype = _alias("dtype", parse_dtype(dtype), "torch_dtype", parse_dtype(torch_dtype))
         device = _load_device(device, device_map)
@@ -365,10 +375,11 @@ class EomtFastForUniversalSegmentation(nn.Module):
         cls,
         hf_model: nn.Module,
         backend: str = "auto",
-        cuda_graphs: bool = False,
+        cuda_graphs: bool | str = "auto",
     ) -> EomtFastForUniversalSegmentation:
         """Copy a live transformers EomtForUniversalSegmentation or EomtDinov3ForUniversalSegmentation (same
         device and dtype); ``cuda_graphs`` as in ``from_pretrained``."""
+        _check_cuda_graphs_choice(cuda_graphs)
         if not hasattr(hf_model, "config") or getattr(hf_model.config, "model_type", None) not in MODEL_TYPES:
             raise TypeError("from_hf expects a transformers EomtForUniversalSegmentation or "
                             f"EomtDinov3ForUniversalSegmentation, got {type(hf_model).__name__}")
@@ -380,7 +391,7 @@ class EomtFastForUniversalSegmentation(nn.Module):
 
     @classmethod
     def _from_state(cls, config, state, device, dtype, backend, source,
-                    cuda_graphs: bool = False) -> EomtFastForUniversalSegmentation:
+                    cuda_graphs: bool | str) -> EomtFastForUniversalSegmentation:
         weights = checkpoint.convert_hf_state_dict(state, config, source=source)
         if dtype is None:
             stored = {t.dtype for k, t in weights.items() if k != "attn_mask_probs" and t.is_floating_point()}
@@ -392,8 +403,10 @@ class EomtFastForUniversalSegmentation(nn.Module):
         model.to_empty(device=device).to(dtype)
         model.load_weights(weights)
         model.ops()  # resolve the ops once at load (a compiled forward uses them as they are)
-        if cuda_graphs:
+        if cuda_graphs is True:
             model.enable_cuda_graphs()
+        elif cuda_graphs == "auto":
+            model.enable_cuda_graphs(auto=True)
         return model
 
     @torch.no_grad()
@@ -415,22 +428,28 @@ class EomtFastForUniversalSegmentation(nn.Module):
         return checkpoint.write_checkpoint(directory, config, checkpoint.to_hf_state_dict(weights, config))
 
     # ---- CUDA graphs ---------------------------------------------------------------------------------
-    def enable_cuda_graphs(self, clone_outputs: bool = True, capture: Capture | None = None) -> None:
+    def enable_cuda_graphs(self, clone_outputs: bool = True, capture: Capture | None = None, *, auto: bool = False,
+                           max_graphs: int | None = None) -> None:
         """From now on ``model(...)`` replays a CUDA graph captured per input shape (and attn_mask_probs):
         see ``eomt_fast.cuda_graphs.CudaGraphs``. The outputs are clones that later calls leave alone;
         ``clone_outputs=False`` returns the graph's own output buffers instead, which the next call of the
         same shape overwrites. Raises on a model that is not on CUDA or has parameters that require grad.
         Moving or casting the model (``.to()``, ``.half()``, ...) drops the captured graphs. ``capture``
         replaces the CUDA-graph capture (``cuda_graphs.capture_eagerly``: the same logic on any device, for
-        tests and debugging)."""
+        tests and debugging).
+
+        ``auto=True`` (``cuda_graphs="auto"``, the loaders' default) never raises: a call a graph cannot run
+        (off CUDA, inside the caller's own capture, generator= with random unmasking, a shape's first call)
+        runs eager; at most ``max_graphs`` graphs (default 8) are kept, the least recently used dropped."""
         from .cuda_graphs import CudaGraphs
 
         recorded = [f"{name}=True" for name in ("output_hidden_states", "output_attentions") if self._flag(name, None, False)]
-        if recorded:  # every plain call would then run uncaptured
+        if recorded and not auto:  # every plain call would then run uncaptured (auto: quietly eager)
             raise ValueError(f"the model's config (its config.json) sets {' and '.join(recorded)}, which CUDA graphs "
                              "do not capture: set them to false in config.json, or load without cuda_graphs=True, set "
                              "model.config.extra[...] = False, then call enable_cuda_graphs() (ask per call instead)")
-        self._cuda_graphs = CudaGraphs(self, clone_outputs=clone_outputs, capture=capture)
+        self._cuda_graphs = CudaGraphs(self, clone_outputs=clone_outputs, capture=capture, auto=auto,
+                                       max_graphs=max_graphs)
 
     def disable_cuda_graphs(self) -> None:
         """Back to eager forwards; the captured graphs and their memory are released."""
@@ -644,14 +663,17 @@ class EomtFastForUniversalSegmentation(nn.Module):
         if recording is None and not torch.compiler.is_compiling() and self._cuda_graphs is not None:
             out = self._cuda_graphs(pixel_values, patch_offsets, generator)
         else:
-            self.check_pixel_values(pixel_values)
-            if pixel_values.shape[0] == 0:
-                out = self._empty_output(patch_offsets, recording)
-            else:
-                out = self._output(*self._forward_tensors(pixel_values, generator, recording), patch_offsets)
-                if recording is not None:
-                    out = recording.fill(out)
+            out = self._eager_output(pixel_values, patch_offsets, generator, recording)
         return out if as_dict else out.to_tuple()
+
+    def _eager_output(self, pixel_values: torch.Tensor, patch_offsets: list[torch.Tensor] | None,
+                      generator: torch.Generator | None, recording: Recording | None = None) -> EomtFastOutput:
+        """The forward without CUDA graphs (forward's arguments, checked here)."""
+        self.check_pixel_values(pixel_values)
+        if pixel_values.shape[0] == 0:
+            return self._empty_output(patch_offsets, recording)
+        out = self._output(*self._forward_tensors(pixel_values, generator, recording), patch_offsets)
+        return recording.fill(out) if recording is not None else out
 
     def _flag(self, name: str, value: Any, default: bool) -> bool:
         """A forward flag: the argument, else the value config.json carried (transformers' default), else

@@ -449,7 +449,8 @@ def run(args: argparse.Namespace) -> int:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     model = EomtFastForUniversalSegmentation.from_pretrained(args.model, device=device, dtype=args.dtype,
-                                                             backend=args.backend, revision=args.revision)
+                                                             backend=args.backend, revision=args.revision,
+                                                             cuda_graphs=False)  # enabled just below, or not
     if use_cuda_graphs(args.cuda_graphs, device):
         # forward_fixed_batches asks for no hidden states or attentions, whatever config.json says
         model.config.extra.update(output_hidden_states=False, output_attentions=False)

@@ -219,7 +219,123 @@ def test_from_pretrained_with_cuda_graphs_on_a_cpu_device_is_an_error(tmp_path):
     small_model().save_pretrained(tmp_path)
     with pytest.raises(RuntimeError, match="needs the model on a CUDA device, it is on cpu"):
         EomtFastForUniversalSegmentation.from_pretrained(tmp_path, cuda_graphs=True)
-    assert EomtFastForUniversalSegmentation.from_pretrained(tmp_path).cuda_graphs is None
+    assert EomtFastForUniversalSegmentation.from_pretrained(tmp_path, cuda_graphs=False).cuda_graphs is None
+    for bad in ("yes", 1, None, "on"):
+        with pytest.raises(ValueError, match="cuda_graphs must be 'auto', True or False, got"):
+            EomtFastForUniversalSegmentation.from_pretrained(tmp_path, cuda_graphs=bad)
+
+
+def test_loaders_default_to_auto_which_runs_eager_off_cuda(tmp_path):
+    """The default, cuda_graphs="auto", on a CPU model: a runner that leaves every call to the eager forward
+    (the real capture, never attempted: no error, no graph), with outputs equal to a model loaded without it.
+    It stays with the model, so after a move to CUDA the same model would replay graphs."""
+    small_model(probs=(0.5, 1.0)).save_pretrained(tmp_path)
+    model = EomtFastForUniversalSegmentation.from_pretrained(tmp_path)
+    plain = EomtFastForUniversalSegmentation.from_pretrained(tmp_path, cuda_graphs=False)
+    assert model.cuda_graphs is not None and model.cuda_graphs.auto and plain.cuda_graphs is None
+    assert model.cuda_graphs.describe().startswith("CUDA graphs (auto)")
+    x = pixels(2, 4)
+    for seed in (1, 1, 2):
+        got = model(x, generator=torch.Generator().manual_seed(seed))  # random unmasking: fine, eager
+        assert_same_outputs(got, plain(x, generator=torch.Generator().manual_seed(seed)))
+    assert len(model.cuda_graphs) == 0
+    model.query.requires_grad_(True)  # no refusal either: the forward runs under no_grad all the same
+    gen = torch.Generator().manual_seed
+    assert_same_outputs(model(x.clone().requires_grad_(), generator=gen(5)), plain(x, generator=gen(5)))
+
+
+def test_auto_captures_a_shape_on_its_second_call_and_replays_after():
+    model = small_model()
+    x1, x2, x3, y = pixels(2, 1), pixels(2, 2), pixels(2, 3), pixels(1, 4)
+    expected = {id(x): model(x) for x in (x1, x2, x3, y)}  # eager: the model has no runner yet
+    capture = CountingCapture()
+    model.enable_cuda_graphs(capture=capture, auto=True)
+    for x, captures, replays in ((x1, 0, 0), (y, 0, 0), (x2, 1, 1), (x3, 1, 2), (x1, 1, 3), (y, 2, 4)):
+        assert_same_outputs(model(x), expected[id(x)])
+        assert (capture.captures, capture.replays) == (captures, replays)
+    assert len(model.cuda_graphs) == 2
+
+
+def test_auto_runs_eager_where_a_graph_cannot_and_never_raises_for_it():
+    """generator= with random unmasking runs eager (the graph draws from the default generator) instead of the
+    error cuda_graphs=True gives; config.json asking for hidden states is no error (those calls run eager)."""
+    model = small_model(probs=(0.5, 1.0))
+    model.config.extra["output_hidden_states"] = True
+    try:
+        capture = CountingCapture()
+        model.enable_cuda_graphs(capture=capture, auto=True)
+        x = pixels(1, 5)
+        outs = [model(x, generator=torch.Generator().manual_seed(3)) for _ in range(3)]
+        assert capture.captures == 0 and len(outs[0].hidden_states) > 0
+        for out in outs[1:]:
+            assert_same_outputs(out, outs[0])  # the same seed each time: the same random unmasking
+        model.config.extra["output_hidden_states"] = False
+        model(x), model(x)
+        assert capture.captures == 1  # the default generator: the second plain call captures
+    finally:
+        model.config.extra.pop("output_hidden_states")
+
+
+def test_auto_keeps_the_most_recently_used_graphs():
+    model = small_model()
+    capture = CountingCapture()
+    model.enable_cuda_graphs(capture=capture, auto=True, max_graphs=2)
+    a, b, c = pixels(1, 1), pixels(2, 2), pixels(3, 3)
+    for x in (a, a, b, b, a, c, c):  # c's capture drops b, the least recently replayed
+        model(x)
+    assert capture.captures == 3 and len(model.cuda_graphs) == 2
+    model(a)
+    assert capture.captures == 3  # still there
+    assert_same_outputs(model(b), model._eager_output(b, None, None))  # b seen before: captured again at once
+    assert capture.captures == 4 and len(model.cuda_graphs) == 2
+    with pytest.raises(ValueError, match="max_graphs must be a positive int or None"):
+        CudaGraphs(model, capture=capture_eagerly, max_graphs=0)
+
+
+def test_auto_falls_back_to_eager_when_a_capture_fails():
+    """A capture that raises (say an op that cannot be captured on some setup) is reported once as a warning and
+    that shape runs eager from then on; cuda_graphs=True raises it."""
+    model = small_model()
+    attempts = []
+
+    def failing_capture(fn):
+        attempts.append(1)
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    model.enable_cuda_graphs(capture=failing_capture, auto=True)
+    x = pixels(1, 6)
+    expected = model._eager_output(x, None, None)
+    assert_same_outputs(model(x), expected)  # first call: eager, no capture tried
+    with pytest.warns(RuntimeWarning, match=r"capturing a CUDA graph of the forward for input shape \(1, 3, 64, 64\) failed"):
+        assert_same_outputs(model(x), expected)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert_same_outputs(model(x), expected)
+    assert len(attempts) == 1 and len(model.cuda_graphs) == 0
+    model.enable_cuda_graphs(capture=failing_capture)
+    with pytest.raises(RuntimeError, match="not permitted"):
+        model(x)
+
+
+def test_auto_runner_copies_and_pickles_without_its_history():
+    import io
+
+    model = small_model()
+    capture = CountingCapture()
+    model.enable_cuda_graphs(capture=capture, auto=True)
+    x = pixels(1, 7)
+    model(x), model(x)
+    clone = copy.deepcopy(model)
+    assert clone.cuda_graphs.auto and len(clone.cuda_graphs) == 0
+    clone(x)
+    assert capture.captures == 1  # the copy's first call of x is eager again: its own history
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert loaded.cuda_graphs.auto and len(loaded.cuda_graphs) == 0 and not loaded.cuda_graphs._seen
 
 
 def test_calls_inside_and_outside_inference_mode_share_the_graph():

@@ -13,7 +13,8 @@ against transformers in fp32, masking off (attn_mask_probs zeros, as released ch
   implementation can call), and over all pixels and queries ours disagrees at most twice as often as
   transformers in that dtype does (+ 0.1%);
 - CUDA graphs (``cuda_graphs=True``): replay equals the eager forward bit for bit, across inputs and shapes,
-  without changing outputs already returned;
+  without changing outputs already returned; ``cuda_graphs="auto"`` (the default) too, and inside a capture of
+  the caller's own it runs eager;
 - torch.compile(fullgraph=True) equals the eager forward (inductor compiles the glue between the ops:
   rounding-level differences only);
 - memory: the forward's peak allocation grows like the sequence, not its square.
@@ -152,7 +153,7 @@ def build(preset: str, dtype: torch.dtype, masking: bool):
     """(transformers fp32, transformers in dtype, ours in dtype on the Triton kernels), same weights."""
     hf32 = transformers_fp32(preset)
     hf_low = copy.deepcopy(hf32).to(dtype)
-    ours = EomtFastForUniversalSegmentation.from_hf(hf_low, backend="triton")
+    ours = EomtFastForUniversalSegmentation.from_hf(hf_low, backend="triton", cuda_graphs=False)  # eager
     set_masking([hf32, hf_low, ours], masking)
     return hf32, hf_low, ours
 
@@ -217,9 +218,10 @@ def test_cuda_graph_replay_equals_eager_gpu(preset, masking):
     assert torch.equal(fp32_input, x1)
 
 
-def small_triton_model(device: str) -> EomtFastForUniversalSegmentation:
+def small_triton_model(device: str, cuda_graphs=False) -> EomtFastForUniversalSegmentation:
     hf = random_hf_model(seed=11, dtype=torch.float32, attn_mask_probs=[1.0, 0.0], **TEST_CONFIGS["small_r4"])
-    return EomtFastForUniversalSegmentation.from_hf(hf.to(device), backend="triton")  # triton needs it on CUDA
+    # triton needs it on CUDA; eager unless asked (the loaders' default is cuda_graphs="auto")
+    return EomtFastForUniversalSegmentation.from_hf(hf.to(device), backend="triton", cuda_graphs=cuda_graphs)
 
 
 @pytest.mark.gpu
@@ -291,6 +293,36 @@ def test_graphs_called_from_threads_on_their_own_streams_gpu():
 
 
 @pytest.mark.gpu
+def test_auto_graphs_the_second_call_and_runs_eager_inside_a_callers_capture_gpu():
+    """cuda_graphs="auto" (the loaders' default): a shape's first call runs eager, its second captures, later ones
+    replay, all bit for bit the eager forward. Inside a capture of the caller's own, the forward runs eager, so
+    its kernels become part of that graph (a nested capture would fail), and the caller's replay computes it."""
+    model = small_triton_model("cuda", cuda_graphs="auto")
+    assert model.cuda_graphs is not None and model.cuda_graphs.auto
+    inputs = [torch.randn(2, 3, 64, 64, device="cuda", generator=torch.Generator("cuda").manual_seed(i))
+              for i in range(4)]
+    expected = [model._output(*model._forward_tensors(x), None) for x in inputs]  # eager, same kernels
+    for i, captured in ((0, 0), (1, 1), (2, 1)):
+        assert_identical(model(inputs[i]), expected[i], f"auto call {i}")
+        assert len(model.cuda_graphs) == captured, i
+
+    static = inputs[0].clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        model(static)  # the caller's warm-up, as torch.cuda.graph asks
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = model(static)
+    static.copy_(inputs[3])
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_identical(out, expected[3], "inside the caller's capture")
+    assert len(model.cuda_graphs) == 1
+
+
+@pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
 def test_model_on_a_device_that_is_not_current_gpu():
     """Triton launches on the current device: a model on cuda:1 while cuda:0 is current must still run its
@@ -337,7 +369,7 @@ def test_peak_memory_grows_like_the_sequence_gpu():
         config = preset_config("eomt-l-640")
         kwargs = dict(hf_config_kwargs(config), image_size=size)
         hf = random_hf_model(seed=3, dtype=torch.bfloat16, attn_mask_probs=[1.0] * 4, **kwargs).cuda()
-        ours = EomtFastForUniversalSegmentation.from_hf(hf, backend="triton")
+        ours = EomtFastForUniversalSegmentation.from_hf(hf, backend="triton", cuda_graphs=False)  # eager memory
         del hf
         x = torch.randn(1, 3, size, size, device="cuda", dtype=torch.bfloat16)
         ours(x)  # autotuning first
