@@ -109,7 +109,8 @@ def tuned_configs() -> list[str]:
 
 def _describe_choice(tuner, tuning_key: tuple, from_disk: bool) -> str:
     chosen = tuner.cache.get(tuning_key)
-    medians = sorted(m for m in map(_median, (tuner.configs_timings or {}).values()) if math.isfinite(m))
+    medians = sorted(m for m in map(timed_median, (tuner.configs_timings or {}).values())
+                     if m is not None and math.isfinite(m))
     key = " ".join(f"{name}={value}" for name, value in zip(tuner.keys, tuning_key))
     times = ""
     if medians:
@@ -118,12 +119,14 @@ def _describe_choice(tuner, tuning_key: tuple, from_disk: bool) -> str:
     return f"{_kernel_name(tuner)} {key} -> {chosen}{times}"
 
 
-def _median(timing) -> float:
+def timed_median(timing) -> float | None:
+    """The median time (ms) in one of an Autotuner's ``configs_timings`` values (Triton keeps [median, p20,
+    p80] there, or a bare number), None where there is none."""
     value = timing[0] if isinstance(timing, (list, tuple)) else timing
     try:
         return float(value)
     except (TypeError, ValueError):
-        return math.inf
+        return None
 
 
 @functools.cache

@@ -87,6 +87,12 @@ def next_power_of_2(n: int) -> int:
     return 1 << (n - 1).bit_length() if n > 0 else 0
 
 
+def aligned16(t: torch.Tensor, strides) -> bool:
+    """t's data starts on 16 bytes and every given stride (in elements) is a multiple of 16 bytes: what a
+    kernel's alignment hints (``tl.multiple_of`` on pointers and strides) may promise the compiler."""
+    return t.data_ptr() % 16 == 0 and all((s * t.element_size()) % 16 == 0 for s in strides)
+
+
 def device_of(tensor: torch.Tensor | None) -> contextlib.AbstractContextManager:
     """The CUDA device of ``tensor`` made current for the block (a no-op off CUDA and when it already is).
 

@@ -91,7 +91,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
-from ._autotune import autotune
+from ._autotune import autotune, timed_median
 from ._triton import INTERPRETING, LAUNCH_OPTIONS, TensorDescriptor, cdiv, check_devices, eager_direct, gpu_arch, next_power_of_2, on_input_device, tl, triton  # Triton, or a stand-in without it
 
 
@@ -295,7 +295,7 @@ def _tune(out: torch.Tensor, variants: list, key: tuple, grid: Callable, meta: d
                 tile = getattr(tuned, "best_config", None)  # None (remembered too): the restoring autotuner
                 if tile is None:
                     break
-                time = times[name] = _median_time(tuned, tile)
+                time = times[name] = timed_median((getattr(tuned, "configs_timings", None) or {}).get(tile))
                 if getattr(tuned, "from_disk", None):
                     _FROM_DISK.add(key)
                 last_run = None if in_place else tile  # what out now holds
@@ -335,13 +335,6 @@ def tuned_tiles() -> list[str]:
         lines.append(f"gemm M{m} N{n} K{k} {str(dtype).removeprefix('torch.')} sm{''.join(map(str, arch or ()))} "
                      f"{' '.join(flags)} -> {chosen}" + (f" ({times}{cached})" if times else ""))
     return lines
-
-
-def _median_time(tuned, tile) -> float | None:
-    """The median time the autotuner measured for ``tile`` (None where this Triton keeps no timings)."""
-    timing = getattr(tuned, "configs_timings", None) or {}
-    timing = timing.get(tile)
-    return timing[0] if isinstance(timing, (list, tuple)) else timing
 
 
 def _tma_block_shapes(nargs: dict) -> None:

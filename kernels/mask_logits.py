@@ -62,7 +62,7 @@ import functools  # noqa: E402
 
 from . import gemm as _gemm  # noqa: E402
 from ._autotune import autotune  # noqa: E402
-from ._triton import INTERPRETING, LAUNCH_OPTIONS, cdiv, check_devices, gpu_arch, on_input_device, tl, triton  # noqa: E402  (Triton, or a stand-in)
+from ._triton import INTERPRETING, LAUNCH_OPTIONS, aligned16, cdiv, check_devices, gpu_arch, on_input_device, tl, triton  # noqa: E402  (Triton, or a stand-in)
 from .gemm import grouped_tile  # noqa: E402
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -170,11 +170,6 @@ def _grid_mask_kernel(
     tl.store(out_ptrs, (acc > 0).to(tl.uint8), mask=mask)
 
 
-def _aligned16(t: torch.Tensor, strides) -> bool:
-    """t's data starts on 16 bytes and every given stride is a multiple of 16 bytes."""
-    return t.data_ptr() % 16 == 0 and all((s * t.element_size()) % 16 == 0 for s in strides)
-
-
 def _check(mask_embeddings: torch.Tensor, pixel_embeddings: torch.Tensor) -> None:
     if mask_embeddings.dim() != 3 or pixel_embeddings.dim() != 4:
         raise ValueError(f"mask_embeddings must be (B, Q, C) and pixel_embeddings (B, H, W, C), got "
@@ -247,8 +242,8 @@ def grid_attention_mask_forward(mask_embeddings: torch.Tensor, pixel_embeddings:
         return out.fill_(False)
     out_bytes = out.view(torch.uint8)
     aligned = (channels % 16 == 0 and pixel_embeddings.stride(3) == 1 and mask_embeddings.stride(2) == 1
-               and _aligned16(pixel_embeddings, pixel_embeddings.stride()[:3])
-               and _aligned16(mask_embeddings, mask_embeddings.stride()[:2]))
+               and aligned16(pixel_embeddings, pixel_embeddings.stride()[:3])
+               and aligned16(mask_embeddings, mask_embeddings.stride()[:2]))
     args = (pixel_embeddings, mask_embeddings, out_bytes, batch, num_patches, num_queries, channels, grid_size,
             rows[0], cols[0], rows[1], cols[1], *pixel_embeddings.stride(), *mask_embeddings.stride(),
             *out_bytes.stride())

@@ -51,7 +51,7 @@ import functools  # noqa: E402
 
 from . import gemm as _gemm  # noqa: E402
 from ._autotune import autotune  # noqa: E402
-from ._triton import INTERPRETING, LAUNCH_OPTIONS, cdiv, check_devices, gpu_arch, on_input_device, tl, triton  # noqa: E402  (Triton, or a stand-in)
+from ._triton import INTERPRETING, LAUNCH_OPTIONS, aligned16, cdiv, check_devices, gpu_arch, on_input_device, tl, triton  # noqa: E402  (Triton, or a stand-in)
 from .gemm import grouped_tile, split_columns  # noqa: E402
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -158,11 +158,6 @@ def _patch_embed_kernel(
                               stride_pp, stride_pc, stride_ob, stride_op, stride_oc, OUT_ALIGNED)
 
 
-def _aligned16(t: torch.Tensor, strides) -> bool:
-    """t's data starts on 16 bytes and every given stride is a multiple of 16 bytes."""
-    return t.data_ptr() % 16 == 0 and all((s * t.element_size()) % 16 == 0 for s in strides)
-
-
 @on_input_device
 def patch_embed_forward(
     pixel_values: torch.Tensor,
@@ -214,11 +209,11 @@ def patch_embed_forward(
     m = batch * num_patches
     aligned = (patch_size % 16 == 0 and (config is None or k % config.block_k == 0)  # no K masks: see the kernel
                and pixel_values.stride(3) == 1 and weight.stride(1) == 1
-               and _aligned16(pixel_values, pixel_values.stride()[:3]) and _aligned16(weight, weight.stride()[:1])
+               and aligned16(pixel_values, pixel_values.stride()[:3]) and aligned16(weight, weight.stride()[:1])
                and all(s % 16 == 0 for s in pixel_values.stride()[:3]))
     pos = position_embeddings
     out_aligned = (hidden % 16 == 0 and out.stride(2) == 1 and pos.stride(1) == 1
-                   and _aligned16(out, out.stride()[:2]) and _aligned16(pos, pos.stride()[:1]))
+                   and aligned16(out, out.stride()[:2]) and aligned16(pos, pos.stride()[:1]))
     args = (pixel_values, weight, bias, pos, out, m, hidden, k, num_patches, gw,
             *pixel_values.stride(), *weight.stride(), *pos.stride(), *out.stride())
     meta = dict(PATCH=patch_size, ALIGNED=aligned, OUT_ALIGNED=out_aligned,

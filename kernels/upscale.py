@@ -72,7 +72,7 @@ import functools  # noqa: E402
 
 from . import gemm as _gemm  # noqa: E402
 from ._autotune import autotune  # noqa: E402
-from ._triton import INTERPRETING, LAUNCH_OPTIONS, cdiv, check_devices, gpu_arch, next_power_of_2, on_input_device, tl, triton  # noqa: E402  (Triton, or a stand-in)
+from ._triton import INTERPRETING, LAUNCH_OPTIONS, aligned16, cdiv, check_devices, gpu_arch, next_power_of_2, on_input_device, tl, triton  # noqa: E402  (Triton, or a stand-in)
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_CHANNELS = 4096  # the depthwise + LayerNorm kernel holds a pixel's channels in registers
@@ -232,11 +232,6 @@ def _dwconv_layernorm_kernel(
                              ALIGNED)
 
 
-def _aligned16(t: torch.Tensor, strides) -> bool:
-    """t's data starts on 16 bytes and every given stride is a multiple of 16 bytes."""
-    return t.data_ptr() % 16 == 0 and all((s * t.element_size()) % 16 == 0 for s in strides)
-
-
 # Output pixels of a row per program of the depthwise + LayerNorm kernel, a tuning choice: long segments
 # load the eleven weight vectors fewer times, short ones make more programs (an 80x80 output at batch 1 is
 # 80 rows: 240 programs of 32 pixels for 132 SMs, each walking its pixels in turn). DWCONV_SEGMENT is the one
@@ -315,7 +310,7 @@ def dwconv_layernorm(y: torch.Tensor, dw_weight: torch.Tensor, ln_weight: torch.
     ln_weight = ln_weight if ln_weight.stride(0) == 1 else ln_weight.contiguous()
     ln_bias = ln_bias if ln_bias.stride(0) == 1 else ln_bias.contiguous()
     aligned = (channels % 16 == 0 and y.stride(3) == 1 and out.stride(3) == 1
-               and _aligned16(y, y.stride()[:3]) and _aligned16(out, out.stride()[:3]))
+               and aligned16(y, y.stride()[:3]) and aligned16(out, out.stride()[:3]))
     grid = lambda meta: (batch * height, cdiv(width, meta["SEGMENT"]))  # noqa: E731
     _tuned_dwconv_kernel(arch=gpu_arch(y))[grid](
         y, dw_weight, ln_weight, ln_bias, out, batch, height, width, channels, eps,
