@@ -31,16 +31,22 @@ waits on the GPU for the previous call's clones), so each gets its own input's o
 ``clone_outputs=False`` the returned buffers are shared by all of them.
 
 ``auto=True`` (what ``from_pretrained`` / ``from_hf`` give by default, ``cuda_graphs="auto"``): graphs where
-they help and can run, the eager forward everywhere else, never an error of its own. A call runs eager when
-the model is not on CUDA (so one runner serves a model loaded on the CPU and moved later), while a CUDA
-graph is being captured on the current stream (the caller's own capture: this forward becomes part of it),
-when a ``generator`` is given and some layer's attn_mask_probs lies strictly between 0 and 1, and on the
-first call of a key (a shape seen once, say the last smaller batch of a dataset, does not get a graph and its
-memory pool); the second call of a key captures it. At most ``max_graphs`` graphs are kept (default 8 with
-``auto``, unlimited without): capturing one more drops the least recently replayed, and its memory pool
-with it. Parameters or pixel_values that require grad are no obstacle there (the forward runs under
-``torch.no_grad`` either way), nor are hidden states or attentions asked for in config.json (those calls
-run eager, as every call that asks for them).
+they help and can run, the eager forward everywhere else. A call runs eager when the model is not on CUDA
+(so one runner serves a model loaded on the CPU and moved later), while a CUDA graph is being captured on
+the current stream (the caller's own capture: this forward's kernels become part of it), under a
+``TorchDispatchMode`` (``FlopCounterMode`` and the like must see the ops), while some layer's
+attn_mask_probs lies strictly between 0 and 1 (the warm-ups and the capture would draw from the default
+CUDA generator, so a seeded run would no longer unmask the queries eager does), on the first call of a key
+(a shape seen once, say the last smaller batch of a dataset, gets no graph and no memory pool), and for
+new keys once ``max_graphs`` graphs are kept (default 4 with ``auto``, unlimited without: nothing is
+evicted, which would recapture on every call of a rotation of more shapes; ``clear()`` starts afresh).
+The second call of a key captures it. Parameters or pixel_values that require grad are no obstacle there
+(the forward runs under ``torch.no_grad`` either way), nor are hidden states or attentions asked for in
+config.json (those calls run eager, as every call that asks for them). A capture that raises is an error
+(PyTorch's capture leaves its stream and memory pool behind on failure, so nothing is retried in this
+process for that key; load with ``cuda_graphs=False`` to run eager). Like ``True``, replacing a parameter
+object by hand (``param.data = ...``, ``torch.func.functional_call``) is not seen: the graphs keep reading
+the old tensors (``model.cuda_graphs.clear()``, or load new weights with ``load_state_dict``).
 
 The capture is injectable (``capture=``): ``capture_eagerly`` runs the same buffer and key logic on any
 device without a graph, for tests and debugging.
@@ -51,7 +57,6 @@ from __future__ import annotations
 import copy
 import functools
 import threading
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -64,7 +69,7 @@ if TYPE_CHECKING:
     from .model import EomtFastForUniversalSegmentation, EomtFastOutput
 
 Outputs = tuple[torch.Tensor, ...]
-AUTO_MAX_GRAPHS = 8  # graphs an auto runner keeps (each holds a memory pool for its shape's activations)
+AUTO_MAX_GRAPHS = 4  # graphs an auto runner keeps (each holds a memory pool for its shape's activations)
 _MAX_SEEN = 1024  # first-call keys an auto runner remembers
 # given a function of the static input, returns (replay, its static outputs): what capturing a graph gives
 Capture = Callable[[Callable[[], Outputs]], tuple[Callable[[], None], Outputs]]
@@ -105,6 +110,11 @@ def capture_eagerly(fn: Callable[[], Outputs]) -> tuple[Callable[[], None], Outp
     return replay, outputs
 
 
+def _random_unmasking(probs: tuple[float, ...]) -> bool:
+    """Whether some layer unmasks queries at random (an attn_mask_probs value strictly between 0 and 1)."""
+    return any(0 < p < 1 for p in probs)
+
+
 @dataclass
 class _Graph:
     static_input: torch.Tensor
@@ -133,9 +143,9 @@ class CudaGraphs:
         self.max_graphs = max_graphs if max_graphs is not None or not auto else AUTO_MAX_GRAPHS
         self._capture: Capture = capture or functools.partial(capture_cuda_graph, warmup=warmup)
         self._needs_cuda = capture is None
-        self._graphs: dict[tuple, _Graph] = {}  # in order of last use (the least recently replayed first)
+        self._graphs: dict[tuple, _Graph] = {}
         self._seen: set[tuple] = set()  # auto: the keys called once (eager) and not captured yet
-        self._failed: set[tuple] = set()  # auto: the keys whose capture raised (they run eager)
+        self._failed: set[tuple] = set()  # auto: the keys whose capture raised (they run eager after the error)
         self._weights_generation = model.weights_generation
         # one call at a time: a graph's static input and outputs are shared by every call of its key
         self._lock = threading.Lock()
@@ -166,11 +176,11 @@ class CudaGraphs:
 
     def describe(self) -> str:
         """One line: how ``model(...)`` runs with this runner (``eomt-fast info``)."""
+        limit = f"at most {self.max_graphs} shapes" if self.max_graphs else "every shape"
         if self.auto:
-            how = (f"CUDA graphs (auto): a shape's second call captures it, at most {self.max_graphs} kept; "
-                   "eager off CUDA, inside the caller's own capture, or with generator= and random unmasking")
+            how = (f"CUDA graphs (auto): a shape's second call captures it, {limit}; eager off CUDA, inside the "
+                   "caller's own capture or a dispatch mode, and while attn_mask_probs holds values between 0 and 1")
         else:
-            limit = f"at most {self.max_graphs} kept" if self.max_graphs else "every shape kept"
             how = f"CUDA graphs: a shape's first call captures it, {limit}"
         return f"{how} ({len(self)} captured)"
 
@@ -208,7 +218,7 @@ class CudaGraphs:
         """The model's forward replayed from the graph of this input's key: its outputs; pixel_values,
         patch_offsets (passed through) and generator as the model's forward takes them by keyword."""
         model = self.model
-        if self.auto and not self._may_replay(generator):
+        if self.auto and not self._may_replay():
             return model._eager_output(pixel_values, patch_offsets, generator)
         model.check_pixel_values(pixel_values)
         if pixel_values.requires_grad and not self.auto:
@@ -226,7 +236,7 @@ class CudaGraphs:
                 self.clear()  # their graphs read the old addresses
                 self._weights_generation = model.weights_generation
             key = self.key(pixel_values)
-            if generator is not None and any(0 < p < 1 for p in key[-1]):
+            if generator is not None and _random_unmasking(key[-1]) and not self.auto:
                 raise ValueError("generator= cannot drive the random unmasking (attn_mask_probs strictly between 0 "
                                  "and 1) of a captured CUDA graph, which draws from the default CUDA generator; "
                                  "call with generator=None, or disable cuda_graphs for this call")
@@ -234,63 +244,56 @@ class CudaGraphs:
                 torch.cuda.current_stream().wait_event(self._last_call)
             outputs = None  # None: this call runs eager (below, outside the lock)
             graph = self._graphs.get(key)
-            if graph is None and self.auto and key not in self._seen:
-                if key not in self._failed:
-                    self._remember(key)  # a first call: eager, the second captures
-            else:
-                if graph is None:
-                    self._make_room()
-                    graph = self._record_or_fail(key, pixel_values)  # the static input holds pixel_values
+            if graph is None and self.auto:
+                if key not in self._seen or key in self._failed or self._full() or _random_unmasking(key[-1]):
+                    self._remember(key)  # a first call, or one a graph does not serve: eager
                 else:
-                    graph.static_input.copy_(pixel_values)
-                if graph is not None:
-                    self._graphs.pop(key, None)
-                    self._graphs[key] = graph  # last: the most recently used
-                    graph.replay()
-                    outputs = tuple(t.clone() for t in graph.outputs) if self.clone_outputs else graph.outputs
-                    if self._needs_cuda:
-                        self._last_call = torch.cuda.Event()
-                        self._last_call.record()
+                    graph = self._graphs[key] = self._record_auto(key, pixel_values)
+            elif graph is None:
+                graph = self._graphs[key] = self._record(pixel_values)  # the static input holds pixel_values
+            else:
+                graph.static_input.copy_(pixel_values)
+            if graph is not None:
+                graph.replay()
+                outputs = tuple(t.clone() for t in graph.outputs) if self.clone_outputs else graph.outputs
+                if self._needs_cuda:
+                    self._last_call = torch.cuda.Event()
+                    self._last_call.record()
         if outputs is None:
             return model._eager_output(pixel_values, patch_offsets, generator)
         return model._output(*outputs, patch_offsets)
 
-    def _may_replay(self, generator: torch.Generator | None) -> bool:
-        """auto: whether this call may go through a graph (else it runs eager)."""
+    def _may_replay(self) -> bool:
+        """auto: whether this call may go through a graph at all (else it runs eager)."""
         model = self.model
         if self._needs_cuda and model.device.type != "cuda":
             return False
+        if torch._C._len_torch_dispatch_stack():
+            return False  # a dispatch mode (FlopCounterMode, ...) must see the ops a replay would hide
         if model.device.type == "cuda":
             with torch.cuda.device(model.device):
                 if torch.cuda.is_current_stream_capturing():
                     return False  # the caller captures a graph of its own: this forward's kernels join it
-        return generator is None or not any(0 < p < 1 for p in model.masking_probs())
+        return not _random_unmasking(model.masking_probs())
+
+    def _full(self) -> bool:
+        return self.max_graphs is not None and len(self._graphs) >= self.max_graphs
 
     def _remember(self, key: tuple) -> None:
-        if len(self._seen) >= _MAX_SEEN:  # many one-off shapes: forget them (their second call stays eager once more)
+        if key not in self._seen and len(self._seen) >= _MAX_SEEN:  # many one-off shapes: forget them
             self._seen.clear()
         self._seen.add(key)
 
-    def _record_or_fail(self, key: tuple, pixel_values: torch.Tensor) -> _Graph | None:
-        """_record; with auto, a capture that raises is reported once (a warning) and its key runs eager from
-        then on (None: this call too)."""
-        if not self.auto:
-            return self._record(pixel_values)
+    def _record_auto(self, key: tuple, pixel_values: torch.Tensor) -> _Graph:
+        """_record; a capture that raises is an error naming the way out, and its key is not tried again."""
         try:
             return self._record(pixel_values)
-        except Exception as exc:  # noqa: BLE001 - auto promises the eager forward wherever a graph cannot run
+        except Exception as exc:
             self._failed.add(key)
-            self._seen.discard(key)
-            warnings.warn(f"eomt_fast: capturing a CUDA graph of the forward for input shape {tuple(pixel_values.shape)} "
-                          f"failed ({type(exc).__name__}: {exc}); calls of that shape run eager. Load with "
-                          "cuda_graphs=True to see the error raised, or cuda_graphs=False to not try", RuntimeWarning,
-                          stacklevel=4)
-            return None
-
-    def _make_room(self) -> None:
-        """Before a capture: drop the least recently used graphs beyond max_graphs - 1."""
-        while self.max_graphs is not None and len(self._graphs) >= self.max_graphs:
-            del self._graphs[next(iter(self._graphs))]
+            raise RuntimeError(f"eomt_fast: capturing a CUDA graph of the forward (cuda_graphs='auto', input shape "
+                               f"{tuple(pixel_values.shape)}) failed: {type(exc).__name__}: {exc}. Load the model "
+                               "with cuda_graphs=False to run it eager (PyTorch may leave the failed capture's "
+                               "stream current and its memory pool allocated in this process)") from exc
 
     def _record(self, pixel_values: torch.Tensor) -> _Graph:
         model = self.model

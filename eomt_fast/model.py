@@ -354,8 +354,8 @@ class EomtFastForUniversalSegmentation(nn.Module):
         """Load a transformers EoMT checkpoint: a directory with config.json and model.safetensors (or a
         sharded index, or pytorch_model.bin), or a Hub id. dtype None keeps the stored dtype.
         ``cuda_graphs``: ``"auto"`` (the default) replays CUDA graphs where they can run, from the second call
-        of an input shape on, and runs eager elsewhere (off CUDA included, so a model moved to CUDA later gets
-        them too); ``True`` captures every shape on its first call and makes any call a graph cannot run an
+        of an input shape on (up to 4 shapes), and runs eager elsewhere (off CUDA included, so a model moved to
+        CUDA later gets them too); ``True`` captures every shape on its first call and makes any call a graph cannot run an
         error; ``False``: eager forwards only. See ``enable_cuda_graphs``.
         ``revision``, ``token``, ``cache_dir``, ``local_files_only``: for Hub ids, as in transformers.
         transformers' names are accepted too: ``torch_dtype`` for ``dtype`` ("auto": the stored dtype, as
@@ -438,9 +438,10 @@ class EomtFastForUniversalSegmentation(nn.Module):
         replaces the CUDA-graph capture (``cuda_graphs.capture_eagerly``: the same logic on any device, for
         tests and debugging).
 
-        ``auto=True`` (``cuda_graphs="auto"``, the loaders' default) never raises: a call a graph cannot run
-        (off CUDA, inside the caller's own capture, generator= with random unmasking, a shape's first call)
-        runs eager; at most ``max_graphs`` graphs (default 8) are kept, the least recently used dropped."""
+        ``auto=True`` (``cuda_graphs="auto"``, the loaders' default) raises none of those errors: a call a graph
+        does not serve (off CUDA, inside the caller's own capture or a dispatch mode, while attn_mask_probs
+        unmasks at random, a shape's first call) runs eager; ``max_graphs`` shapes (default 4) get graphs, later
+        new shapes run eager."""
         from .cuda_graphs import CudaGraphs
 
         recorded = [f"{name}=True" for name in ("output_hidden_states", "output_attentions") if self._flag(name, None, False)]
@@ -660,8 +661,10 @@ class EomtFastForUniversalSegmentation(nn.Module):
             self._flag("tie_last_hidden_states", None, True),  # transformers 5.24 reads it from config.json, 5.17 not
         )
         as_dict = self._flag("return_dict", return_dict, True)
-        if recording is None and not torch.compiler.is_compiling() and self._cuda_graphs is not None:
-            out = self._cuda_graphs(pixel_values, patch_offsets, generator)
+        graphs = self._cuda_graphs
+        # graphs.model is not self in a shallow copy (nn.DataParallel's replicas): it runs eager, on its device
+        if recording is None and not torch.compiler.is_compiling() and graphs is not None and graphs.model is self:
+            out = graphs(pixel_values, patch_offsets, generator)
         else:
             out = self._eager_output(pixel_values, patch_offsets, generator, recording)
         return out if as_dict else out.to_tuple()
