@@ -38,7 +38,7 @@ the current stream (the caller's own capture: this forward's kernels become part
 attn_mask_probs lies strictly between 0 and 1 (the warm-ups and the capture would draw from the default
 CUDA generator, so a seeded run would no longer unmask the queries eager does), on the first call of a key
 (a shape seen once, say the last smaller batch of a dataset, gets no graph and no memory pool), and for
-new keys once ``max_graphs`` graphs are kept (default 4 with ``auto``, unlimited without: nothing is
+new keys once ``max_graphs`` graphs are kept (default 4; without ``auto`` every shape is captured; nothing is
 evicted, which would recapture on every call of a rotation of more shapes; ``clear()`` starts afresh).
 The second call of a key captures it. Parameters or pixel_values that require grad are no obstacle there
 (the forward runs under ``torch.no_grad`` either way), nor are hidden states or attentions asked for in
@@ -137,14 +137,17 @@ class CudaGraphs:
     ) -> None:
         if max_graphs is not None and (isinstance(max_graphs, bool) or not isinstance(max_graphs, int) or max_graphs < 1):
             raise ValueError(f"max_graphs must be a positive int or None, got {max_graphs!r}")
+        if max_graphs is not None and not auto:
+            raise ValueError("max_graphs needs auto=True (without it every shape is captured: a call past the limit "
+                             "would have to run eager, which only auto does)")
         self.model = model
         self.clone_outputs = clone_outputs
         self.auto = auto
-        self.max_graphs = max_graphs if max_graphs is not None or not auto else AUTO_MAX_GRAPHS
+        self.max_graphs = (max_graphs or AUTO_MAX_GRAPHS) if auto else None
         self._capture: Capture = capture or functools.partial(capture_cuda_graph, warmup=warmup)
         self._needs_cuda = capture is None
         self._graphs: dict[tuple, _Graph] = {}
-        self._seen: set[tuple] = set()  # auto: the keys called once (eager) and not captured yet
+        self._seen: set[tuple] = set()  # auto: the keys called before (a key's second call captures it)
         self._failed: set[tuple] = set()  # auto: the keys whose capture raised (they run eager after the error)
         self._weights_generation = model.weights_generation
         # one call at a time: a graph's static input and outputs are shared by every call of its key
@@ -176,12 +179,12 @@ class CudaGraphs:
 
     def describe(self) -> str:
         """One line: how ``model(...)`` runs with this runner (``eomt-fast info``)."""
-        limit = f"at most {self.max_graphs} shapes" if self.max_graphs else "every shape"
         if self.auto:
-            how = (f"CUDA graphs (auto): a shape's second call captures it, {limit}; eager off CUDA, inside the "
-                   "caller's own capture or a dispatch mode, and while attn_mask_probs holds values between 0 and 1")
+            how = (f"CUDA graphs (auto): a shape's second call captures it, at most {self.max_graphs} shapes; eager "
+                   "off CUDA, inside the caller's own capture or a dispatch mode, and while attn_mask_probs holds "
+                   "values between 0 and 1")
         else:
-            how = f"CUDA graphs: a shape's first call captures it, {limit}"
+            how = "CUDA graphs: every shape's first call captures it"
         return f"{how} ({len(self)} captured)"
 
     def __getstate__(self) -> dict:

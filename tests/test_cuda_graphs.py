@@ -299,7 +299,9 @@ def test_auto_gives_graphs_to_max_graphs_shapes_then_runs_new_ones_eager():
     model(c), model(c)
     assert capture.captures == 3
     with pytest.raises(ValueError, match="max_graphs must be a positive int or None"):
-        CudaGraphs(model, capture=capture_eagerly, max_graphs=0)
+        CudaGraphs(model, capture=capture_eagerly, auto=True, max_graphs=0)
+    with pytest.raises(ValueError, match="max_graphs needs auto=True"):
+        CudaGraphs(model, capture=capture_eagerly, max_graphs=2)
 
 
 def test_auto_runs_eager_under_a_dispatch_mode_and_in_shallow_copies():
