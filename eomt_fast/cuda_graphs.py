@@ -274,7 +274,7 @@ class CudaGraphs:
         if torch._C._len_torch_dispatch_stack():
             return False  # a dispatch mode (FlopCounterMode, ...) must see the ops a replay would hide
         if model.device.type == "cuda":
-            with torch.cuda.device(model.device):
+            with device_of(model.patch_weight):  # the model's device, switched to only when it is not current
                 if torch.cuda.is_current_stream_capturing():
                     return False  # the caller captures a graph of its own: this forward's kernels join it
         return not _random_unmasking(model.masking_probs())

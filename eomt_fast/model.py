@@ -403,10 +403,8 @@ class EomtFastForUniversalSegmentation(nn.Module):
         model.to_empty(device=device).to(dtype)
         model.load_weights(weights)
         model.ops()  # resolve the ops once at load (a compiled forward uses them as they are)
-        if cuda_graphs is True:
-            model.enable_cuda_graphs()
-        elif cuda_graphs == "auto":
-            model.enable_cuda_graphs(auto=True)
+        if cuda_graphs:  # True or "auto"
+            model.enable_cuda_graphs(auto=cuda_graphs == "auto")
         return model
 
     @torch.no_grad()
